@@ -1,0 +1,298 @@
+"""Training images: where they come from, how each becomes a tensor in [-1, 1], and in what order.
+
+Three sources: a Hugging Face Hub dataset (--dataset_name), a local folder (--train_data_dir), or
+the built-in "shapes" dataset, which the package draws itself so a first run needs no download.
+"""
+
+import contextlib
+import io
+import math
+import random
+import warnings
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub.utils import get_session
+from PIL import Image, ImageDraw
+from torchvision import transforms
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+# PIL errors of a corrupt, truncated or undecodable file; such an image is skipped, not fatal.
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+class DataError(ValueError):
+    """The training data cannot be used; the message says what was seen and what to do."""
+
+
+class ImageSource:
+    """Random access to a list of images: len(), get(i) -> PIL image of any mode, describe(i) for warnings."""
+
+    description: str  # e.g. "imagefolder /data/cats: 123 images", printed by train.py
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def get(self, i: int) -> Image.Image:
+        raise NotImplementedError
+
+    def describe(self, i: int) -> str:
+        raise NotImplementedError
+
+
+def _open(fp) -> Image.Image:
+    image = Image.open(fp)
+    image.load()  # decode now, so a truncated file fails here rather than inside a transform
+    return image
+
+
+class FolderSource(ImageSource):
+    def __init__(self, root: str):
+        if not Path(root).is_dir():
+            raise DataError(f"--train_data_dir {root!r} is not a folder; pass a folder that contains images")
+        # Sorted, so every rank and every resumed run maps index i to the same file.
+        self.files = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not self.files:
+            raise DataError(f"no images in --train_data_dir {root!r}; looked recursively for {', '.join(IMAGE_EXTENSIONS)}")
+        self.description = f"imagefolder {root}: {len(self.files)} images"
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def get(self, i: int) -> Image.Image:
+        return _open(self.files[i])
+
+    def describe(self, i: int) -> str:
+        return str(self.files[i])
+
+
+class HubSource(ImageSource):
+    def __init__(self, name: str, rows: datasets.Dataset):
+        columns = [c for c, feature in rows.features.items() if isinstance(feature, datasets.Image)]
+        if not columns:
+            seen = ", ".join(f"{c} ({type(f).__name__})" for c, f in rows.features.items())
+            raise DataError(f"dataset {name!r} has no image column (columns: {seen}); pick a dataset with a datasets.Image feature")
+        self.name, self.column = name, "image" if "image" in columns else columns[0]
+        # Undecoded rows are {"bytes", "path"}: we decode with PIL ourselves, so a bad row is skipped with its file name.
+        self.rows = rows.select_columns([self.column]).cast_column(self.column, datasets.Image(decode=False))
+        if len(self.rows) == 0:
+            raise DataError(f"dataset {name!r} has no rows in its train split; pick a dataset with images")
+        self.description = f"Hub dataset {name} (train): {len(self.rows)} images"
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def get(self, i: int) -> Image.Image:
+        row = self.rows[i][self.column]
+        if row is None or (row["bytes"] is None and row["path"] is None):
+            raise OSError("the row holds no image")
+        return _open(io.BytesIO(row["bytes"]) if row["bytes"] is not None else row["path"])
+
+    def describe(self, i: int) -> str:
+        row = self.rows[i][self.column]
+        path = row and row["path"]
+        return f"row {i} of {self.name}" + (f" ({path})" if path else "")
+
+
+class ShapesSource(ImageSource):
+    """The built-in dataset: one large coloured circle, square or triangle on a plain background."""
+
+    SHAPES = ("circle", "square", "triangle")
+    COLORS = ((220, 30, 30), (30, 170, 60), (30, 90, 220), (250, 150, 20))  # red, green, blue, orange
+    BACKGROUNDS = ((245, 245, 245), (20, 20, 20))  # white and black both contrast with every colour
+    SUPERSAMPLE = 4  # draw at 4x and average down: anti-aliased edges even at 16 px
+
+    def __init__(self, resolution: int, seed: int, size: int):
+        if resolution < 1 or size < 1:
+            raise DataError(f"the built-in dataset needs resolution >= 1 and size >= 1, got {resolution} and {size}")
+        self.resolution, self.seed, self.size = resolution, seed, size
+        self.description = f"built-in shapes dataset, {size} images"
+
+    def __len__(self) -> int:
+        return self.size
+
+    def get(self, i: int) -> Image.Image:
+        if not 0 <= i < self.size:
+            raise IndexError(f"image {i} of a built-in dataset of {self.size}")
+        # A string seed is hashed (SHA-512): image i depends on (seed, i) only, so images render lazily in any order.
+        rng = random.Random(f"shapes/{self.seed}/{i}")
+        big = self.resolution * self.SUPERSAMPLE
+        image = Image.new("RGB", (big, big), rng.choice(self.BACKGROUNDS))
+        shape, color = rng.choice(self.SHAPES), rng.choice(self.COLORS)
+        side = rng.uniform(0.4, 0.7) * big
+        cx, cy = rng.uniform(side / 2, big - side / 2), rng.uniform(side / 2, big - side / 2)
+        left, top, right, bottom = cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2
+        draw = ImageDraw.Draw(image)
+        if shape == "circle":
+            draw.ellipse((left, top, right, bottom), fill=color)
+        elif shape == "square":
+            draw.rectangle((left, top, right, bottom), fill=color)
+        else:
+            draw.polygon(((cx, top), (right, bottom), (left, bottom)), fill=color)
+        return image.resize((self.resolution, self.resolution), Image.Resampling.BOX)
+
+    def describe(self, i: int) -> str:
+        return f"built-in shapes image {i}"
+
+
+def make_builtin_source(resolution: int, seed: int, size: int) -> ImageSource:
+    """The built-in "shapes" dataset: `size` images drawn at `resolution`, image i fixed by (seed, i)."""
+    return ShapesSource(resolution, seed, size)
+
+
+def _hub_reachable() -> bool:
+    try:
+        get_session().head(hub_constants.ENDPOINT, timeout=3)
+    except Exception:  # whatever the failure (DNS, refused, timeout, proxy), the Hub is out of reach
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _offline_mode():
+    # Both libraries read HF_HUB_OFFLINE once at import, so offline mode is switched through their constants.
+    saved = hub_constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    hub_constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
+
+
+def load_images(
+    dataset_name: str | None,
+    dataset_config_name: str | None,
+    train_data_dir: str | None,
+    cache_dir: str | None,
+    resolution: int,
+    seed: int,
+    builtin_size: int = 2048,
+) -> ImageSource:
+    """The images to train on: a Hub dataset, a local folder, or (given neither) the built-in shapes."""
+    if dataset_name and train_data_dir:
+        raise DataError(f"got both --dataset_name {dataset_name!r} and --train_data_dir {train_data_dir!r}; pass only one")
+    if train_data_dir:
+        return FolderSource(train_data_dir)
+    if not dataset_name:
+        return make_builtin_source(resolution, seed, builtin_size)
+    # Without network the Hub client retries for ~25 s before it fails. One quick request tells us first; if the
+    # Hub is out of reach we load in offline mode, so a cached dataset still loads and any other fails at once.
+    offline = hub_constants.HF_HUB_OFFLINE or not _hub_reachable()
+    try:
+        with _offline_mode() if offline else contextlib.nullcontext():
+            rows = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split="train")
+    except (OSError, ValueError, datasets.exceptions.DatasetsError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if isinstance(e, ConnectionError):
+            raise DataError(
+                f"could not load dataset {dataset_name!r} from the Hugging Face Hub (offline?): {reason}; "
+                "without network only datasets already in the cache load"
+            ) from None
+        raise DataError(f"could not load dataset {dataset_name!r} (train split): {reason}") from None
+    return HubSource(dataset_name, rows)
+
+
+def to_mode(image: Image.Image, mode: str) -> Image.Image:
+    """Any PIL image as "L" or "RGB": transparency composited on white, high bit depths scaled to 8 bit."""
+    if image.mode.startswith("I;16"):
+        # 16-bit has a fixed white level (65535); PIL's own convert would clip everything above 255 to white.
+        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().astype(np.uint8))
+    elif image.mode in ("I", "F"):
+        # 32-bit int and float images carry no white level: stretch each image's own min..max to 0..255.
+        pixels = np.asarray(image, dtype=np.float64)
+        low, high = pixels.min(), pixels.max()
+        image = Image.fromarray((255 * (pixels - low) / max(high - low, 1e-12)).round().astype(np.uint8))
+    if image.mode in ("RGBA", "RGBa", "LA", "PA", "P") or "transparency" in image.info:
+        # White, not black, behind transparent pixels: sprites and logos are drawn to be seen on a page.
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image.convert("RGBA"))
+    return image.convert(mode)
+
+
+class TrainingImages(torch.utils.data.Dataset):
+    """Images as (channels, resolution, resolution) tensors in [-1, 1], augmented as diffusers' train_unconditional.py.
+
+    Indexed by keys (index, sample_seed) from EpochSampler: the random crop and flip of a key never change.
+    """
+
+    def __init__(self, source: ImageSource, resolution: int, channels: int, center_crop: bool, random_flip: bool):
+        if channels not in (1, 3):
+            raise DataError(f"images can have 1 (grey) or 3 (RGB) channels, got {channels}")
+        self.source, self.mode = source, "L" if channels == 1 else "RGB"
+        self.transform = transforms.Compose(
+            [
+                transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
+                transforms.CenterCrop(resolution) if center_crop else transforms.RandomCrop(resolution),
+                *([transforms.RandomHorizontalFlip()] if random_flip else []),
+                transforms.ToTensor(),
+                transforms.Normalize([0.5], [0.5]),  # [0, 1] -> [-1, 1], the range DDPM's x_0 lives in
+            ]
+        )
+        self.unreadable: set[int] = set()  # per process: each DataLoader worker warns once per bad file
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
+        index, sample_seed = key
+        image = self._read(index)
+        # Seed the crop and flip by the key, without touching the global RNG: batches then do not depend on
+        # the number of DataLoader workers, nor on whether the run was resumed mid-epoch.
+        # Only the CPU generator: torch.manual_seed would also reseed the GPU's, which fork_rng(devices=[]) does not
+        # restore, and so change the training noise when num_workers=0.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(sample_seed)
+            return self.transform(image)
+
+    def _read(self, index: int) -> Image.Image:
+        # An unreadable image is replaced by the next readable one, so one bad file does not stop a long run.
+        for step in range(len(self.source)):
+            i = (index + step) % len(self.source)
+            if i in self.unreadable:
+                continue
+            try:
+                return to_mode(self.source.get(i), self.mode)
+            except UNREADABLE as e:
+                self.unreadable.add(i)
+                warnings.warn(f"skipping unreadable image {self.source.describe(i)}: {e}", stacklevel=2)
+        raise DataError(f"none of the images could be read ({self.source.description}); see the warnings above")
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Our DistributedSampler (shuffle=True, drop_last=False) that can also start mid-epoch, for exact resumes.
+
+    Yields keys (index, sample_seed) for TrainingImages. Each epoch shuffles all indices by (seed, epoch), pads
+    by wrap-around to a multiple of world_size, and gives rank r the positions r, r + world_size, ...
+    """
+
+    def __init__(self, num_samples: int, seed: int, rank: int = 0, world_size: int = 1):
+        if num_samples < 1:
+            raise DataError(f"cannot sample from a dataset of {num_samples} images")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        self.num_samples, self.seed, self.rank, self.world_size = num_samples, seed, rank, world_size
+        self.per_rank = math.ceil(num_samples / world_size)
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Iterate epoch `epoch`, skipping the first `start` samples this rank already consumed."""
+        if not 0 <= start <= self.per_rank:
+            raise ValueError(f"start must be in [0, {self.per_rank}] (samples per rank per epoch), got {start}")
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start
+
+    def __iter__(self):
+        # A string seed is hashed, so (seed, epoch) pairs never share a stream the way `seed + epoch` would.
+        g = torch.Generator().manual_seed(random.Random(f"epoch/{self.seed}/{self.epoch}").getrandbits(63))
+        perm = torch.randperm(self.num_samples, generator=g).tolist()
+        # Sample seeds count up from a per-epoch base by position in the global (padded) order, so they do not
+        # depend on the rank that draws them; seeding mt19937 scrambles consecutive seeds into unrelated streams.
+        seed_base = int(torch.randint(2**62, (1,), generator=g))
+        first = self.rank + self.start * self.world_size
+        for position in range(first, self.per_rank * self.world_size, self.world_size):
+            yield perm[position % self.num_samples], seed_base + position

@@ -1,0 +1,74 @@
+"""Distributed set-up from torchrun's environment, and the few collectives train.py needs.
+
+Without torchrun (no WORLD_SIZE in the environment) everything here is a single-process no-op.
+"""
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Context:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1 or dist.is_initialized()
+
+
+def setup(device_name: str, timeout_s: float) -> Context:
+    """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU); one device per process."""
+    if "WORLD_SIZE" not in os.environ:
+        return Context(0, 0, 1, torch.device(device_name))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    if device_name == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    # a rank that stops answering makes every collective fail after timeout_s instead of hanging forever
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
+                            device_id=device if backend == "nccl" else None)
+    return Context(rank, local_rank, world_size, device)
+
+
+def barrier(ctx: Context) -> None:
+    if ctx.is_distributed:
+        dist.barrier()
+
+
+def any_rank(ctx: Context, flag: bool) -> bool:
+    """True on every rank if `flag` is true on any rank (e.g. a stop signal that reached only some)."""
+    if not ctx.is_distributed:
+        return flag
+    tensor = torch.tensor([int(flag)], device=ctx.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def gather_to_main(ctx: Context, value):
+    """A list of every rank's `value` on rank 0 (None elsewhere)."""
+    if not ctx.is_distributed:
+        return [value]
+    gathered = [None] * ctx.world_size if ctx.is_main else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered
+
+
+def cleanup(ctx: Context) -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

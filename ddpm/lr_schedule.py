@@ -1,0 +1,58 @@
+"""Learning-rate schedules, as the factor LambdaLR multiplies the optimizer's lr by.
+
+Same values as diffusers.optimization.get_scheduler. `step` counts optimizer steps:
+the caller steps the scheduler once after each optimizer step.
+"""
+
+import math
+from typing import Callable
+
+import torch
+
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
+
+
+def lr_lambda(name: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """The lr factor as a function of the optimizer step for schedule `name`."""
+    if name not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr schedule {name!r}; choose one of {', '.join(LR_SCHEDULES)}")
+
+    def warmup(step: int) -> float:
+        # linear warmup from 0 to 1 over warmup_steps
+        return step / max(1, warmup_steps)
+
+    def constant(step: int) -> float:
+        return 1.0
+
+    def constant_with_warmup(step: int) -> float:
+        if step < warmup_steps:
+            return warmup(step)
+        return 1.0
+
+    def linear(step: int) -> float:
+        if step < warmup_steps:
+            return warmup(step)
+        # straight line from 1 down to 0 at total_steps, then stays at 0
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    def cosine(step: int) -> float:
+        if step < warmup_steps:
+            return warmup(step)
+        # half a cosine period, 0.5 (1 + cos(pi progress)), from 1 at the end of warmup
+        # to 0 at total_steps; like diffusers' it rises again past total_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return {
+        "constant": constant,
+        "constant_with_warmup": constant_with_warmup,
+        "linear": linear,
+        "cosine": cosine,
+    }[name]
+
+
+def make_lr_scheduler(
+    optimizer: torch.optim.Optimizer, name: str, warmup_steps: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR following schedule `name`; call its .step() once per optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(name, warmup_steps, total_steps))

@@ -1,0 +1,100 @@
+"""Named training recipes for train.py's --preset: flag defaults plus the UNet config.
+
+Explicit flags override a preset's values. Numbers are from ../shared/reference/recipes.md
+(diffusers' tutorial and the DDPM paper) except quickstart, which was sized by measurement.
+"""
+
+from typing import Any
+
+# diffusers' "Train a diffusion model" tutorial UNet: 113.7M parameters at 128x128
+TUTORIAL_UNET: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "layers_per_block": 2,
+    "block_out_channels": [128, 128, 256, 256, 512, 512],
+    "down_block_types": ["DownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"],
+}
+
+# The DDPM paper's CIFAR-10 model (google/ddpm-cifar10-32): 35.7M parameters, attention at 16x16
+CIFAR10_UNET: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "layers_per_block": 2,
+    "block_out_channels": [128, 256, 256, 256],
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+    "attention_head_dim": None,
+    "downsample_padding": 0,
+    "flip_sin_to_cos": False,
+    "freq_shift": 1,
+    "norm_eps": 1e-6,
+    "dropout": 0.1,
+}
+
+# Small enough to train on 2 CPU cores in minutes, at 32x32 on the built-in shapes
+QUICKSTART_UNET: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "layers_per_block": 1,
+    "block_out_channels": [32, 64, 64],
+    "down_block_types": ["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
+    "norm_num_groups": 8,
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "quickstart": {
+        "model": QUICKSTART_UNET,
+        "resolution": 32,
+        "train_batch_size": 32,
+        "eval_batch_size": 16,
+        "max_train_steps": 1200,
+        "learning_rate": 2e-3,
+        "lr_warmup_steps": 100,
+        "lr_scheduler": "cosine",
+        "save_images_epochs": 1000,
+        "save_model_epochs": 1000,
+        "checkpointing_steps": 500,
+        "ddpm_num_inference_steps": 100,
+        "mixed_precision": "no",
+        "random_flip": True,
+    },
+    "butterflies-128": {
+        "model": TUTORIAL_UNET,
+        "dataset_name": "huggan/smithsonian_butterflies_subset",
+        "resolution": 128,
+        "train_batch_size": 16,
+        "eval_batch_size": 16,
+        "num_epochs": 50,
+        "learning_rate": 1e-4,
+        "lr_warmup_steps": 500,
+        "lr_scheduler": "cosine",
+        "save_images_epochs": 10,
+        "save_model_epochs": 30,
+        "mixed_precision": "fp16",
+        "random_flip": True,
+        "ddpm_num_inference_steps": 1000,
+    },
+    "cifar10-32": {
+        "model": CIFAR10_UNET,
+        "dataset_name": "cifar10",
+        "resolution": 32,
+        "train_batch_size": 128,
+        "eval_batch_size": 64,
+        "max_train_steps": 800_000,
+        "learning_rate": 2e-4,
+        "lr_warmup_steps": 5000,
+        "lr_scheduler": "constant_with_warmup",
+        "adam_beta1": 0.9,
+        "adam_beta2": 0.999,
+        "adam_weight_decay": 0.0,
+        "use_ema": True,
+        "ema_max_decay": 0.9999,
+        "random_flip": True,
+        "save_images_epochs": 10,
+        "save_model_epochs": 10,
+        "checkpointing_steps": 5000,
+        "ddpm_num_inference_steps": 1000,
+    },
+}

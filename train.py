@@ -1,0 +1,410 @@
+"""Train a DDPM (Ho et al. 2020) image model: the recipe of diffusers' "Train a diffusion model"
+tutorial, in one plain PyTorch script. The output folder loads in DDPMPipeline.from_pretrained.
+
+On one machine (CPU, or one GPU):
+$ python train.py                                   # quickstart: built-in shapes, 32x32, minutes on a CPU
+$ python train.py --preset butterflies-128          # the tutorial exactly (downloads from the Hub)
+
+With torchrun, one process per GPU (global batch = train_batch_size x GPUs x accumulation steps):
+$ torchrun --standalone --nproc_per_node=1 train.py --preset cifar10-32 --mixed_precision bf16
+$ torchrun --standalone --nproc_per_node=8 train.py --preset cifar10-32 --mixed_precision bf16
+Across 2 nodes (run on each, K = 0 on the first and 1 on the second; HOST:PORT on the first node):
+$ torchrun --nnodes=2 --node_rank=K --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:PORT \
+      train.py --preset cifar10-32 --mixed_precision bf16
+
+SIGTERM or SIGINT (preemption) finishes the current step, writes a checkpoint and exits 0;
+`--resume_from_checkpoint latest` continues from it exactly.
+"""
+
+import argparse
+import copy
+import json
+import math
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
+from torchvision.utils import make_grid, save_image
+from tqdm.auto import tqdm
+
+from ddpm import DDPMScheduler, UNet2DModel, generate, save_pipeline
+from ddpm import distributed
+from ddpm.checkpoint import (CheckpointError, capture_rng_state, list_checkpoints, load_checkpoint,
+                             restore_rng_state, save_checkpoint)
+from ddpm.data import DataError, EpochSampler, TrainingImages, load_images
+from ddpm.ema import EMA
+from ddpm.loss import diffusion_loss
+from ddpm.lr_schedule import make_lr_scheduler
+from ddpm.presets import PRESETS
+from ddpm.sampling import unwrap
+
+# -----------------------------------------------------------------------------
+# Configuration: preset values, overridden by explicit flags.
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = p.add_argument
+    add("--preset", default="quickstart", choices=sorted(PRESETS),
+        help="a named recipe; flags given explicitly override its values (defaults shown are quickstart's)")
+    add("--dataset_name", default=None, help="Hugging Face Hub dataset; neither this nor --train_data_dir: built-in shapes")
+    add("--dataset_config_name", default=None, help="the Hub dataset's config name")
+    add("--train_data_dir", default=None, help="a local folder of images")
+    add("--cache_dir", default=None, help="where datasets caches Hub downloads")
+    add("--output_dir", default="ddpm-output", help="pipeline folder, samples/, logs/ and checkpoints")
+    add("--resolution", type=int, default=None, help="image size; must be divisible by 2^(levels-1)")
+    add("--center_crop", action="store_true", help="center-crop instead of random-crop after resizing")
+    add("--random_flip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips")
+    add("--train_batch_size", type=int, default=None, help="images per device per micro-step")
+    add("--eval_batch_size", type=int, default=None, help="images in each sample grid")
+    add("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes per device")
+    add("--num_epochs", type=int, default=100, help="passes over the data (ignored with --max_train_steps)")
+    add("--max_train_steps", type=int, default=None, help="optimizer steps to train; overrides --num_epochs")
+    add("--save_images_epochs", type=int, default=None, help="write a sample grid every N epochs (and at the end)")
+    add("--save_model_epochs", type=int, default=None, help="write the pipeline every N epochs (and at the end)")
+    add("--gradient_accumulation_steps", type=int, default=1, help="micro-steps per optimizer step")
+    add("--learning_rate", type=float, default=None, help="peak learning rate")
+    add("--lr_scheduler", default=None, choices=["constant", "constant_with_warmup", "linear", "cosine"],
+        help="learning-rate schedule, counted in optimizer steps")
+    add("--lr_warmup_steps", type=int, default=None, help="linear warmup, in optimizer steps")
+    add("--adam_beta1", type=float, default=0.95)
+    add("--adam_beta2", type=float, default=0.999)
+    add("--adam_weight_decay", type=float, default=1e-6)
+    add("--adam_epsilon", type=float, default=1e-8)
+    add("--max_grad_norm", type=float, default=1.0, help="gradient clipping (after fp16 unscaling)")
+    add("--use_ema", action=argparse.BooleanOptionalAction, default=None, help="sample from EMA weights")
+    add("--ema_inv_gamma", type=float, default=1.0)
+    add("--ema_power", type=float, default=0.75)
+    add("--ema_max_decay", type=float, default=0.9999)
+    add("--logging_dir", default="logs", help="TensorBoard folder, inside output_dir")
+    add("--logging_steps", type=int, default=10, help="log loss, lr and speed every N optimizer steps")
+    add("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="autocast dtype")
+    add("--prediction_type", default="epsilon", choices=["epsilon", "sample", "v_prediction"])
+    add("--ddpm_num_steps", type=int, default=1000, help="T, the number of diffusion steps")
+    add("--ddpm_num_inference_steps", type=int, default=None, help="denoising steps for sample grids")
+    add("--ddpm_beta_schedule", default="linear", choices=["linear", "scaled_linear", "squaredcos_cap_v2"])
+    add("--checkpointing_steps", type=int, default=500, help="write a checkpoint every N optimizer steps")
+    add("--checkpoints_total_limit", type=int, default=None, help="keep at most N checkpoints")
+    add("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
+    add("--model_config_name_or_path", default=None, help="a UNet config.json (or a folder holding one)")
+    add("--seed", type=int, default=0, help="seeds weights, data order, noise and sample grids")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    add("--ddp_timeout", type=float, default=1800, help="seconds a collective may wait before the job fails")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    preset_name = parser.parse_known_args(argv)[0].preset
+    preset = {k: v for k, v in PRESETS[preset_name].items() if k != "model"}
+    parser.set_defaults(**preset)
+    args = parser.parse_args(argv)
+    args.model_config = dict(PRESETS[preset_name]["model"])
+    args.use_ema = bool(args.use_ema)
+    args.random_flip = bool(args.random_flip)
+
+    def positive(name):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+
+    for name in ("resolution", "train_batch_size", "eval_batch_size", "num_epochs", "max_train_steps",
+                 "save_images_epochs", "save_model_epochs", "gradient_accumulation_steps", "logging_steps",
+                 "ddpm_num_steps", "ddpm_num_inference_steps", "checkpointing_steps", "checkpoints_total_limit"):
+        positive(name)
+    for name in ("learning_rate", "adam_epsilon", "ema_inv_gamma", "ddp_timeout", "max_grad_norm"):
+        if not getattr(args, name) > 0:
+            parser.error(f"--{name} must be > 0, got {getattr(args, name)}")
+    if args.dataloader_num_workers < 0 or args.lr_warmup_steps < 0 or args.adam_weight_decay < 0:
+        parser.error("--dataloader_num_workers, --lr_warmup_steps and --adam_weight_decay must be >= 0")
+    if not (0 <= args.adam_beta1 < 1 and 0 <= args.adam_beta2 < 1 and 0 <= args.ema_max_decay <= 1):
+        parser.error(f"--adam_beta1/--adam_beta2 must be in [0, 1) and --ema_max_decay in [0, 1], got "
+                     f"{args.adam_beta1}, {args.adam_beta2}, {args.ema_max_decay}")
+    if args.ddpm_num_inference_steps > args.ddpm_num_steps:
+        parser.error(f"--ddpm_num_inference_steps ({args.ddpm_num_inference_steps}) cannot exceed "
+                     f"--ddpm_num_steps ({args.ddpm_num_steps})")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda was asked for, but torch sees no CUDA GPU")
+    if args.model_config_name_or_path:
+        args.model_config = read_model_config(parser, args.model_config_name_or_path)
+    try:
+        config = dict(args.model_config)
+        if config.get("sample_size") is None:
+            config["sample_size"] = args.resolution
+        elif config["sample_size"] != args.resolution:
+            parser.error(f"--resolution {args.resolution} differs from the model config's sample_size "
+                         f"{config['sample_size']}")
+        levels = len(config["block_out_channels"])
+        if args.resolution % 2 ** (levels - 1):
+            parser.error(f"--resolution {args.resolution} is not divisible by {2 ** (levels - 1)}, which a UNet "
+                         f"with {levels} levels needs")
+        args.model_config = config
+        UNet2DModel(**config).to("meta")  # validate the config before anything starts
+    except (ValueError, KeyError, TypeError) as error:
+        parser.error(f"bad model config: {error}")
+    return args
+
+
+def read_model_config(parser: argparse.ArgumentParser, name_or_path: str) -> dict:
+    """A UNet config from a JSON file, or a folder with config.json or unet/config.json."""
+    path = Path(name_or_path)
+    for candidate in (path, path / "unet" / "config.json", path / "config.json"):
+        if candidate.is_file():
+            try:
+                config = json.loads(candidate.read_text())
+            except json.JSONDecodeError as error:
+                parser.error(f"cannot parse model config {str(candidate)!r}: {error}")
+            return {k: v for k, v in config.items() if not k.startswith("_")}
+    parser.error(f"--model_config_name_or_path {name_or_path!r}: no such file, nor a folder with config.json")
+
+
+def log_main(ctx, message: str) -> None:
+    if ctx.is_main:
+        tqdm.write(message)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM/SIGINT to the main process, which checkpoints before exiting."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def fail(message: str) -> None:
+    """End the run before training with a one-line error."""
+    sys.exit(f"train.py: error: {message}")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    ctx = distributed.setup(args.device, args.ddp_timeout)
+    device = ctx.device
+    output_dir = Path(args.output_dir)
+
+    # Preemption: remember the signal, finish the step, checkpoint, exit 0.
+    stop_requested = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda s, frame: stop_requested.append(s))
+
+    # -------------------------------------------------------------------------
+    # Data
+
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    try:
+        source = load_images(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir,
+                             args.resolution, args.seed)
+        if len(source) == 0:
+            raise DataError(f"the dataset holds no images ({source.description})")
+        channels = args.model_config.get("in_channels", 3)
+        dataset = TrainingImages(source, args.resolution, channels, args.center_crop, args.random_flip)
+        sampler = EpochSampler(len(dataset), args.seed, ctx.rank, ctx.world_size)
+    except DataError as error:
+        fail(str(error))
+    if len(sampler) < args.train_batch_size:
+        fail(f"each process gets {len(sampler)} images per epoch, fewer than --train_batch_size "
+             f"{args.train_batch_size}; use a smaller batch or more images")
+    loader = DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler, drop_last=True,
+                        num_workers=args.dataloader_num_workers, pin_memory=device.type == "cuda",
+                        persistent_workers=args.dataloader_num_workers > 0, worker_init_fn=ignore_stop_signals,
+                        generator=torch.Generator())  # keeps the global RNG (dropout) out of the data order
+    batches_per_epoch = len(sampler) // args.train_batch_size
+    steps_per_epoch = batches_per_epoch / args.gradient_accumulation_steps
+    total_steps = args.max_train_steps or math.ceil(args.num_epochs * steps_per_epoch)
+
+    # -------------------------------------------------------------------------
+    # Model, noise schedule, optimizer, LR schedule, EMA
+
+    unet = UNet2DModel(**args.model_config).to(device)
+    scheduler = DDPMScheduler(num_train_timesteps=args.ddpm_num_steps, beta_schedule=args.ddpm_beta_schedule,
+                              prediction_type=args.prediction_type)
+    model = DistributedDataParallel(unet, device_ids=[device] if device.type == "cuda" else None) \
+        if ctx.is_distributed else unet
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+                                  fused=device.type == "cuda", foreach=None if device.type == "cuda" else True)
+    lr_scheduler = make_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, total_steps)
+    # EMA on every rank: it is updated from the synchronised weights, so the copies stay identical
+    ema = EMA(unet, args.ema_inv_gamma, args.ema_power, args.ema_max_decay) if args.use_ema else None
+    autocast_dtype = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
+    # noise and timesteps come from a generator of their own, different on each rank
+    noise_generator = torch.Generator(device).manual_seed(args.seed * 1000 + ctx.rank)
+
+    # -------------------------------------------------------------------------
+    # Resume
+
+    step, epoch, epoch_batches, skipped_steps = 0, 0, 0, 0
+    resume_path = None
+    if args.resume_from_checkpoint == "latest":
+        found = list_checkpoints(output_dir)
+        resume_path = found[-1] if found else None
+        if resume_path is None:
+            log_main(ctx, f"no checkpoint in {output_dir} to resume from: starting a new run")
+    elif args.resume_from_checkpoint:
+        resume_path = Path(args.resume_from_checkpoint)
+    if resume_path is not None:
+        try:
+            checkpoint = load_checkpoint(resume_path, ctx.rank)
+            unet.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        except (CheckpointError, RuntimeError) as error:
+            fail(f"cannot resume from {str(resume_path)!r}: {str(error).splitlines()[0]}")
+        state = checkpoint["state"]
+        step, epoch, epoch_batches = state["step"], state["epoch"], state["epoch_batches"]
+        skipped_steps = state["skipped_steps"]
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        scaler.load_state_dict(state["grad_scaler"])
+        if ema is not None:
+            if checkpoint["ema"] is None:
+                fail(f"--use_ema is on but checkpoint {str(resume_path)!r} holds no EMA weights")
+            ema.load_state_dict(checkpoint["ema"], state["ema_step"])
+        if checkpoint["rng"] is not None and state["world_size"] == ctx.world_size:
+            restore_rng_state(noise_generator, *checkpoint["rng"])
+        else:
+            log_main(ctx, f"warning: checkpoint was written by {state['world_size']} processes, this run has "
+                          f"{ctx.world_size}: data order and noise continue, but not exactly as before")
+        log_main(ctx, f"resumed from {resume_path} at step {step} (epoch {epoch}, batch {epoch_batches})")
+
+    # -------------------------------------------------------------------------
+    # Logging, sampling and saving (rank 0 writes everything)
+
+    writer = SummaryWriter(str(output_dir / args.logging_dir)) if ctx.is_main else None
+    log_main(ctx, f"{source.description}; {sum(p.numel() for p in unet.parameters()):,} UNet parameters; "
+                  f"global batch {args.train_batch_size} x {ctx.world_size} processes x "
+                  f"{args.gradient_accumulation_steps} accumulation = "
+                  f"{args.train_batch_size * ctx.world_size * args.gradient_accumulation_steps}; "
+                  f"{total_steps} optimizer steps ({steps_per_epoch:g} per epoch) on {device}")
+
+    def sampling_model():
+        """The weights to sample from: a copy holding the EMA weights, or the training model itself."""
+        if ema is None:
+            return unet
+        ema_model = copy.deepcopy(unet)  # not a new UNet2DModel: its initialisation would draw from the RNG
+        ema.copy_to(ema_model)
+        return ema_model
+
+    def save_samples(epoch_number: int) -> None:
+        # a fixed seed, so grids are comparable over the run
+        images = generate(sampling_model(), scheduler, args.eval_batch_size, torch.Generator().manual_seed(args.seed),
+                          args.ddpm_num_inference_steps, progress=True)
+        grid = make_grid(images, nrow=math.ceil(math.sqrt(len(images))))
+        (output_dir / "samples").mkdir(parents=True, exist_ok=True)
+        save_image(grid, output_dir / "samples" / f"{epoch_number:04d}.png")
+        writer.add_image("samples", grid, step)
+
+    def write_checkpoint() -> None:
+        rng_states = distributed.gather_to_main(ctx, capture_rng_state(noise_generator))
+        if ctx.is_main:
+            state = {"step": step, "epoch": epoch, "epoch_batches": epoch_batches, "skipped_steps": skipped_steps,
+                     "lr_scheduler": lr_scheduler.state_dict(), "grad_scaler": scaler.state_dict(),
+                     "ema_step": ema.optimization_step if ema else None, "world_size": ctx.world_size,
+                     "seed": args.seed, "args": {k: v for k, v in vars(args).items()}}
+            path = save_checkpoint(output_dir, step, unet.state_dict(), ema.state_dict() if ema else None,
+                                   optimizer.state_dict(), rng_states, state, args.checkpoints_total_limit)
+            tqdm.write(f"saved {path}")
+        distributed.barrier(ctx)
+
+    # -------------------------------------------------------------------------
+    # Training loop: one iteration per optimizer step
+
+    def next_batch():
+        """The next micro-batch, moving on to a new epoch (reshuffled) when this one is used up."""
+        nonlocal data_iter, epoch, epoch_batches
+        if epoch_batches >= batches_per_epoch:
+            epoch, epoch_batches = epoch + 1, 0
+            data_iter = None
+        if data_iter is None:
+            sampler.set_epoch(epoch, start=epoch_batches * args.train_batch_size)
+            data_iter = iter(loader)
+        epoch_batches += 1
+        return next(data_iter).to(device, non_blocking=True)
+
+    data_iter = None
+    model.train()
+    progress = tqdm(total=total_steps, initial=step, desc="training", disable=not ctx.is_main, dynamic_ncols=True)
+    loss_sum = torch.zeros((), device=device)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    window_start, window_images, window_steps = time.perf_counter(), 0, 0
+    completed_epochs = epoch
+    while step < total_steps:
+        for micro_step in range(args.gradient_accumulation_steps):
+            x0 = next_batch()
+            # Algorithm 1: t ~ Uniform({1..T}) (0-based here), eps ~ N(0, I)
+            noise = torch.randn(x0.shape, generator=noise_generator, device=device)
+            timesteps = torch.randint(0, args.ddpm_num_steps, (x0.shape[0],), generator=noise_generator,
+                                      device=device)
+            # gradients are all-reduced only on the last micro-step
+            sync = micro_step == args.gradient_accumulation_steps - 1
+            with (nullcontext() if sync or not ctx.is_distributed else model.no_sync()):
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    loss = diffusion_loss(model, scheduler, x0, noise, timesteps)
+                scaler.scale(loss / args.gradient_accumulation_steps).backward()
+            loss_sum += loss.detach() / args.gradient_accumulation_steps
+            nonfinite |= ~torch.isfinite(loss.detach())
+            window_images += x0.shape[0] * ctx.world_size
+
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+        scale_before = scaler.get_scale() if scaler.is_enabled() else None
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if scale_before is not None and scaler.get_scale() < scale_before:
+            skipped_steps += 1  # fp16 overflow: GradScaler skipped the update and lowered the scale
+        else:
+            lr_scheduler.step()
+            if ema is not None:
+                ema.update(unet)
+        step += 1
+        window_steps += 1
+        progress.update(1)
+
+        if step % args.logging_steps == 0 or step == total_steps:
+            if distributed.any_rank(ctx, bool(nonfinite.item())):
+                fail(f"the loss became NaN or infinite by step {step}; the last checkpoint is kept "
+                     "(try a lower --learning_rate, or --mixed_precision bf16)")
+            elapsed = time.perf_counter() - window_start
+            logs = {"loss": loss_sum.item() / window_steps, "lr": lr_scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm.item(), "images_per_s": window_images / elapsed,
+                    "skipped_steps": skipped_steps}
+            if ema is not None:
+                logs["ema_decay"] = ema.decay or 0.0
+            if ctx.is_main:
+                for name, value in logs.items():
+                    writer.add_scalar(f"train/{name}", value, step)
+                progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}",
+                                     img_s=f"{logs['images_per_s']:.1f}")
+            loss_sum.zero_()
+            window_start, window_images, window_steps = time.perf_counter(), 0, 0
+
+        stop = distributed.any_rank(ctx, bool(stop_requested))
+        last = step == total_steps or stop
+        if step % args.checkpointing_steps == 0 or last:
+            if distributed.any_rank(ctx, bool(nonfinite.item())):
+                fail(f"the loss became NaN or infinite by step {step}; the last checkpoint is kept")
+            write_checkpoint()
+        if stop:
+            log_main(ctx, f"stop signal received: checkpoint written at step {step}, exiting")
+            break
+        epoch_ended = epoch + (epoch_batches >= batches_per_epoch) > completed_epochs
+        completed_epochs = epoch + (epoch_batches >= batches_per_epoch)
+        if ctx.is_main and (epoch_ended or last):
+            if last or completed_epochs % args.save_images_epochs == 0:
+                save_samples(completed_epochs)
+            if last or completed_epochs % args.save_model_epochs == 0:
+                save_pipeline(output_dir, sampling_model(), scheduler)
+
+    progress.close()
+    if writer is not None:
+        writer.close()
+    distributed.barrier(ctx)
+    distributed.cleanup(ctx)
+
+
+if __name__ == "__main__":
+    main()
