@@ -42,7 +42,6 @@ from ddpm.ema import EMA
 from ddpm.loss import diffusion_loss
 from ddpm.lr_schedule import make_lr_scheduler
 from ddpm.presets import PRESETS
-from ddpm.sampling import unwrap
 
 # -----------------------------------------------------------------------------
 # Configuration: preset values, overridden by explicit flags.

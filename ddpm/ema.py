@@ -8,16 +8,8 @@ The DDPM paper reports FID 3.17 on CIFAR-10 with EMA weights, about 12 without.
 import torch
 from torch import nn
 
+from .unet import unwrap_model
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain model inside DistributedDataParallel (`module.`) and torch.compile (`_orig_mod.`)."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

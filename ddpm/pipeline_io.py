@@ -21,11 +21,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .sampling import unwrap
 from .scheduler import DEFAULT_CONFIG as SCHEDULER_DEFAULTS
 from .scheduler import DDPMScheduler
 from .unet import DEFAULT_CONFIG as UNET_DEFAULTS
-from .unet import UNet2DModel
+from .unet import UNet2DModel, unwrap_model
 
 DIFFUSERS_VERSION = "0.42.1"  # the diffusers release whose format we write
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -52,7 +51,7 @@ def save_pipeline(directory: str | os.PathLike, unet: nn.Module, scheduler: DDPM
     any moment leaves each file either the old complete one or the new complete one.
     """
     directory = Path(directory)
-    unet = unwrap(unet)
+    unet = unwrap_model(unet)
     state_dict = {strip_wrapper_prefixes(name): tensor.detach().contiguous().cpu()
                   for name, tensor in unet.state_dict().items()}
     files = {

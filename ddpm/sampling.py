@@ -5,17 +5,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .scheduler import DDPMScheduler, randn
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model inside DistributedDataParallel (`.module`) and torch.compile (`._orig_mod`) wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
+from .unet import unwrap_model
 
 
 @torch.inference_mode()
@@ -27,7 +17,7 @@ def generate(unet: nn.Module, scheduler: DDPMScheduler, batch_size: int, generat
     `DDPMPipeline(...)(batch_size, generator=torch.manual_seed(s), output_type="np")`:
     one draw for x_T, then one per step with t > 0, in that order.
     """
-    config = unwrap(unet).config
+    config = unwrap_model(unet).config
     size = config["sample_size"]
     if size is None:
         raise ValueError("generate: the UNet config has no sample_size, so the image size is unknown")

@@ -355,3 +355,14 @@ class UNet2DModel(nn.Module):
         for block in self.up_blocks:
             x = block(x, skips, temb)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain model inside DistributedDataParallel / DataParallel (`.module`) and torch.compile (`._orig_mod`)."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model

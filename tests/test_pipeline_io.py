@@ -4,6 +4,7 @@ import inspect
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import diffusers
@@ -368,19 +369,20 @@ def assert_old_pipeline_still_loads(folder: Path, old_unet: UNet2DModel) -> None
 
 def test_crash_while_writing_weights_keeps_the_old_pipeline(pipeline_to_overwrite, our_unet, monkeypatch):
     folder, new_unet, new_scheduler = pipeline_to_overwrite
+    real_save = safetensors.torch.save
 
     def save_half_then_crash(tensors, filename, metadata=None):
-        data = safetensors.torch.save(tensors, metadata=metadata)
+        data = real_save(tensors, metadata=metadata)
         Path(filename).write_bytes(data[: len(data) // 2])
         raise SimulatedCrash("No space left on device")
 
     def crash(*args, **kwargs):
         raise SimulatedCrash("No space left on device")
 
-    save_module = __import__(save_pipeline.__module__, fromlist=["_"])
     monkeypatch.setattr(safetensors.torch, "save_file", save_half_then_crash)
     monkeypatch.setattr(safetensors.torch, "save", crash)
-    monkeypatch.setattr(save_module, "save_file", save_half_then_crash, raising=False)
+    # ddpm may hold its own reference, from `from safetensors.torch import save_file`.
+    monkeypatch.setattr(sys.modules[save_pipeline.__module__], "save_file", save_half_then_crash, raising=False)
     with pytest.raises(SimulatedCrash):
         save_pipeline(folder, new_unet, new_scheduler)
     monkeypatch.undo()
