@@ -72,6 +72,10 @@ FORWARD_CONFIGS = {
     "one_channel": dict(TINY, in_channels=1, out_channels=1),
     "dropout_in_eval_mode": dict(TINY, dropout=0.1),
     "mid_block_scale_factor": dict(TINY, mid_block_scale_factor=2),
+    "no_mid_block": dict(TINY, mid_block_type=None),
+    "attn_norm_num_groups": dict(TINY, attn_norm_num_groups=4),
+    "time_embedding_dim": dict(TINY, time_embedding_dim=48),
+    "num_train_timesteps_recorded": dict(TINY, num_train_timesteps=1000),
 }
 
 # Small enough that 1000 sampling steps take seconds.

@@ -141,13 +141,9 @@ UNSUPPORTED = [
     ("time_embedding_type", "fourier"),
     ("resnet_time_scale_shift", "scale_shift"),
     ("act_fn", "gelu"),
-    ("mid_block_type", None),
     ("mid_block_type", "UNetMidBlock2DCrossAttn"),
     ("upsample_type", "resnet"),
     ("downsample_type", "resnet"),
-    ("attn_norm_num_groups", 8),
-    ("time_embedding_dim", 64),
-    ("num_train_timesteps", 1000),
 ]
 
 
