@@ -20,6 +20,7 @@ import argparse
 import copy
 import json
 import math
+import random
 import signal
 import sys
 import time
@@ -120,8 +121,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("learning_rate", "adam_epsilon", "ema_inv_gamma", "ddp_timeout", "max_grad_norm"):
         if not getattr(args, name) > 0:
             parser.error(f"--{name} must be > 0, got {getattr(args, name)}")
-    if args.dataloader_num_workers < 0 or args.lr_warmup_steps < 0 or args.adam_weight_decay < 0:
-        parser.error("--dataloader_num_workers, --lr_warmup_steps and --adam_weight_decay must be >= 0")
+    for name in ("dataloader_num_workers", "lr_warmup_steps", "adam_weight_decay"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     if not (0 <= args.adam_beta1 < 1 and 0 <= args.adam_beta2 < 1 and 0 <= args.ema_max_decay <= 1):
         parser.error(f"--adam_beta1/--adam_beta2 must be in [0, 1) and --ema_max_decay in [0, 1], got "
                      f"{args.adam_beta1}, {args.adam_beta2}, {args.ema_max_decay}")
@@ -159,6 +161,8 @@ def read_model_config(parser: argparse.ArgumentParser, name_or_path: str) -> dic
                 config = json.loads(candidate.read_text())
             except json.JSONDecodeError as error:
                 parser.error(f"cannot parse model config {str(candidate)!r}: {error}")
+            if not isinstance(config, dict):
+                parser.error(f"model config {str(candidate)!r} must hold a JSON object, got {type(config).__name__}")
             return {k: v for k, v in config.items() if not k.startswith("_")}
     parser.error(f"--model_config_name_or_path {name_or_path!r}: no such file, nor a folder with config.json")
 
@@ -166,6 +170,11 @@ def read_model_config(parser: argparse.ArgumentParser, name_or_path: str) -> dic
 def log_main(ctx, message: str) -> None:
     if ctx.is_main:
         tqdm.write(message)
+
+
+def rank_seed(purpose: str, seed: int, rank: int) -> int:
+    """A seed of its own for each (purpose, --seed, rank): hashed, so no two pairs share a stream."""
+    return random.Random(f"{purpose}/{seed}/{rank}").getrandbits(63)
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -232,7 +241,10 @@ def main(argv=None) -> None:
     autocast_dtype = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
     scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
     # noise and timesteps come from a generator of their own, different on each rank
-    noise_generator = torch.Generator(device).manual_seed(args.seed * 1000 + ctx.rank)
+    noise_seed = rank_seed("noise", args.seed, ctx.rank)
+    noise_generator = torch.Generator(device).manual_seed(noise_seed)
+    # after the (identical) initialisation, dropout draws from the global RNG, seeded per rank too
+    torch.manual_seed(rank_seed("dropout", args.seed, ctx.rank))
 
     # -------------------------------------------------------------------------
     # Resume
@@ -256,6 +268,10 @@ def main(argv=None) -> None:
         state = checkpoint["state"]
         step, epoch, epoch_batches = state["step"], state["epoch"], state["epoch_batches"]
         skipped_steps = state["skipped_steps"]
+        for name, now in (("train_batch_size", args.train_batch_size), ("dataset_size", len(dataset))):
+            if state[name] != now:
+                fail(f"checkpoint {str(resume_path)!r} was written with {name} {state[name]}, this run has {now}; "
+                     "resume with the same data and batch size")
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         scaler.load_state_dict(state["grad_scaler"])
         if ema is not None:
@@ -302,7 +318,9 @@ def main(argv=None) -> None:
             state = {"step": step, "epoch": epoch, "epoch_batches": epoch_batches, "skipped_steps": skipped_steps,
                      "lr_scheduler": lr_scheduler.state_dict(), "grad_scaler": scaler.state_dict(),
                      "ema_step": ema.optimization_step if ema else None, "world_size": ctx.world_size,
-                     "seed": args.seed, "args": {k: v for k, v in vars(args).items()}}
+                     "seed": args.seed, "noise_seeds": [rank_seed("noise", args.seed, r) for r in range(ctx.world_size)],
+                     "train_batch_size": args.train_batch_size,
+                     "dataset_size": len(dataset), "args": vars(args)}
             path = save_checkpoint(output_dir, step, unet.state_dict(), ema.state_dict() if ema else None,
                                    optimizer.state_dict(), rng_states, state, args.checkpoints_total_limit)
             tqdm.write(f"saved {path}")
@@ -323,13 +341,17 @@ def main(argv=None) -> None:
         epoch_batches += 1
         return next(data_iter).to(device, non_blocking=True)
 
+    def epochs_completed() -> int:
+        """Epochs whose last batch has been drawn (known at once from a checkpoint at an epoch's end)."""
+        return epoch + (epoch_batches >= batches_per_epoch)
+
     data_iter = None
     model.train()
     progress = tqdm(total=total_steps, initial=step, desc="training", disable=not ctx.is_main, dynamic_ncols=True)
     loss_sum = torch.zeros((), device=device)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     window_start, window_images, window_steps = time.perf_counter(), 0, 0
-    completed_epochs = epoch
+    completed_epochs = epochs_completed()
     while step < total_steps:
         for micro_step in range(args.gradient_accumulation_steps):
             x0 = next_batch()
@@ -344,7 +366,8 @@ def main(argv=None) -> None:
                     loss = diffusion_loss(model, scheduler, x0, noise, timesteps)
                 scaler.scale(loss / args.gradient_accumulation_steps).backward()
             loss_sum += loss.detach() / args.gradient_accumulation_steps
-            nonfinite |= ~torch.isfinite(loss.detach())
+            if not scaler.is_enabled():  # under fp16 an overflowing loss only makes GradScaler skip the step
+                nonfinite |= ~torch.isfinite(loss.detach())
             window_images += x0.shape[0] * ctx.world_size
 
         scaler.unscale_(optimizer)
@@ -363,10 +386,18 @@ def main(argv=None) -> None:
         window_steps += 1
         progress.update(1)
 
-        if step % args.logging_steps == 0 or step == total_steps:
+        stop = distributed.any_rank(ctx, bool(stop_requested))
+        last = step == total_steps or stop
+        epoch_ended = epochs_completed() > completed_epochs
+        completed_epochs = epochs_completed()
+        checkpoint_due = step % args.checkpointing_steps == 0 or last
+        # checked (a sync) only before something is logged or saved, so NaN weights never reach the disk
+        if step % args.logging_steps == 0 or checkpoint_due or epoch_ended:
             if distributed.any_rank(ctx, bool(nonfinite.item())):
                 fail(f"the loss became NaN or infinite by step {step}; the last checkpoint is kept "
                      "(try a lower --learning_rate, or --mixed_precision bf16)")
+
+        if step % args.logging_steps == 0 or step == total_steps:
             elapsed = time.perf_counter() - window_start
             logs = {"loss": loss_sum.item() / window_steps, "lr": lr_scheduler.get_last_lr()[0],
                     "grad_norm": grad_norm.item(), "images_per_s": window_images / elapsed,
@@ -381,17 +412,11 @@ def main(argv=None) -> None:
             loss_sum.zero_()
             window_start, window_images, window_steps = time.perf_counter(), 0, 0
 
-        stop = distributed.any_rank(ctx, bool(stop_requested))
-        last = step == total_steps or stop
-        if step % args.checkpointing_steps == 0 or last:
-            if distributed.any_rank(ctx, bool(nonfinite.item())):
-                fail(f"the loss became NaN or infinite by step {step}; the last checkpoint is kept")
+        if checkpoint_due:
             write_checkpoint()
-        if stop:
+        if stop and step < total_steps:  # a stop during the last step lets the run finish and save
             log_main(ctx, f"stop signal received: checkpoint written at step {step}, exiting")
             break
-        epoch_ended = epoch + (epoch_batches >= batches_per_epoch) > completed_epochs
-        completed_epochs = epoch + (epoch_batches >= batches_per_epoch)
         if ctx.is_main and (epoch_ended or last):
             if last or completed_epochs % args.save_images_epochs == 0:
                 save_samples(completed_epochs)

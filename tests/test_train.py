@@ -1,0 +1,521 @@
+"""train.py as a user runs it: each test trains a tiny UNet for a few steps on the CPU.
+
+Most runs call train.main(argv) in this process (a subprocess spends seconds importing torch);
+the SIGTERM test and one error test run `python train.py` to see what the user sees.
+"""
+
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import ddpm.checkpoint
+from ddpm import DDPMScheduler, UNet2DModel, generate, load_pipeline
+from ddpm.checkpoint import list_checkpoints, load_checkpoint
+from ddpm.loss import diffusion_loss, training_target
+from oracle import perturb_, single_thread  # noqa: F401  (autouse fixture)
+
+TRAIN_PY = Path(__file__).resolve().parents[1] / "train.py"
+_spec = importlib.util.spec_from_file_location("train", TRAIN_PY)
+train = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train)
+
+# Two levels, so any even resolution works; sample_size comes from --resolution.
+TINY_UNET = {
+    "block_out_channels": [16, 32],
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+}
+
+
+@contextlib.contextmanager
+def own_signal_handlers():
+    """train.main installs SIGTERM/SIGINT handlers; give pytest its own back afterwards."""
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
+@pytest.fixture(autouse=True)
+def restore_signal_handlers():
+    with own_signal_handlers():
+        yield
+
+
+def tiny_args(tmp_path: Path, model: dict | None = None, **options) -> list[str]:
+    """argv for a tiny CPU run writing to tmp_path/out; `options` add or override flags (True: a bare flag)."""
+    config = tmp_path / "unet.json"
+    config.write_text(json.dumps(TINY_UNET if model is None else model))
+    options = {"model_config_name_or_path": config, "output_dir": tmp_path / "out", "resolution": 8,
+               "train_batch_size": 4, "eval_batch_size": 2, "ddpm_num_inference_steps": 2, "lr_warmup_steps": 1,
+               "max_train_steps": 2, "device": "cpu", **options}
+    argv = []
+    for name, value in options.items():
+        argv += [f"--{name}"] if value is True else [f"--{name}", str(value)]
+    return argv
+
+
+def run(tmp_path: Path, **options) -> Path:
+    """Train in this process; returns the output folder."""
+    train.main(tiny_args(tmp_path, **options))
+    return Path(options.get("output_dir", tmp_path / "out"))
+
+
+def image_folder(path: Path, count: int) -> Path:
+    """`count` random 12x10 RGB PNGs (resized and cropped to 8x8 by training)."""
+    path.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(path / f"{i:03d}.png")
+    return path
+
+
+def loss_on_call(number: int, change):
+    """A diffusion_loss whose `number`-th call (1-based) returns change(loss) instead of loss."""
+    calls = []
+
+    def patched(*args):
+        loss = diffusion_loss(*args)
+        calls.append(1)
+        return change(loss) if len(calls) == number else loss
+
+    return patched
+
+
+def checkpoint_at(output_dir: Path, step: int) -> dict:
+    return load_checkpoint(output_dir / f"checkpoint-{step}", rank=0)
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def assert_same_optimizer_state(a: dict, b: dict) -> None:
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for index in a["state"]:
+        assert_same_tensors(a["state"][index], b["state"][index])
+
+
+# -----------------------------------------------------------------------------
+# The loss
+
+
+@pytest.fixture(scope="module")
+def forward_process():
+    """A batch x0, its noise and timesteps spread over [0, T)."""
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, 3, 8, 8, generator=generator) * 2 - 1
+    noise = torch.randn(4, 3, 8, 8, generator=generator)
+    return x0, noise, torch.tensor([0, 250, 600, 999])
+
+
+def test_training_target_for_epsilon_prediction_is_the_noise(forward_process):
+    x0, noise, timesteps = forward_process
+    scheduler = DDPMScheduler(prediction_type="epsilon")
+    assert torch.equal(training_target(scheduler, x0, noise, timesteps), noise)
+
+
+def test_training_target_for_sample_prediction_is_x0(forward_process):
+    x0, noise, timesteps = forward_process
+    scheduler = DDPMScheduler(prediction_type="sample")
+    assert torch.equal(training_target(scheduler, x0, noise, timesteps), x0)
+
+
+def test_training_target_for_v_prediction_equals_diffusers_get_velocity(forward_process):
+    x0, noise, timesteps = forward_process
+    ours = training_target(DDPMScheduler(prediction_type="v_prediction"), x0, noise, timesteps)
+    theirs = diffusers.DDPMScheduler(prediction_type="v_prediction").get_velocity(x0, noise, timesteps)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_diffusion_loss_is_the_mse_between_the_unet_output_on_x_t_and_the_target(prediction_type, forward_process):
+    x0, noise, timesteps = forward_process
+    scheduler = DDPMScheduler(prediction_type=prediction_type)
+    torch.manual_seed(0)
+    unet = perturb_(UNet2DModel(**TINY_UNET, sample_size=8))
+    alpha_bar = scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+    x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise  # Eq. 4
+    target = {"epsilon": noise, "sample": x0,
+              "v_prediction": alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0}[prediction_type]
+    expected = F.mse_loss(unet(x_t, timesteps), target)
+    torch.testing.assert_close(diffusion_loss(unet, scheduler, x0, noise, timesteps), expected, rtol=1e-6, atol=0)
+
+
+# -----------------------------------------------------------------------------
+# Gradient accumulation
+
+
+def test_gradient_of_two_accumulated_micro_batches_equals_the_gradient_of_one_batch():
+    torch.manual_seed(0)
+    unet = perturb_(UNet2DModel(**TINY_UNET, sample_size=8))
+    scheduler = DDPMScheduler()
+    x0, noise = torch.rand(8, 3, 8, 8) * 2 - 1, torch.randn(8, 3, 8, 8)
+    timesteps = torch.randint(0, 1000, (8,))
+
+    diffusion_loss(unet, scheduler, x0, noise, timesteps).backward()
+    one_batch = [p.grad.clone() for p in unet.parameters()]
+    unet.zero_grad()
+    for half in (slice(0, 4), slice(4, 8)):
+        # train.py divides each micro-batch's loss by the number of accumulation steps
+        (diffusion_loss(unet, scheduler, x0[half], noise[half], timesteps[half]) / 2).backward()
+    for p, expected in zip(unet.parameters(), one_batch):
+        torch.testing.assert_close(p.grad, expected, rtol=0, atol=1e-6)
+
+
+def test_train_py_accumulating_two_batches_of_4_takes_the_gradient_of_one_batch_of_8(tmp_path, monkeypatch):
+    def noise_from_pixels(unet, scheduler, x0, noise, timesteps):
+        # noise and timesteps as functions of each image, so both runs give each image the same ones
+        # (train.py draws them per micro-batch, so a batch of 8 and two of 4 would draw different values)
+        noise = torch.sin(97 * x0 + 1)
+        timesteps = ((x0[:, 0, 0, 0] + 1) * 499).long()
+        return diffusion_loss(unet, scheduler, x0, noise, timesteps)
+
+    monkeypatch.setattr(train, "diffusion_loss", noise_from_pixels)
+    # no clipping: Adam's first step hardly depends on the gradient's scale, its moments do
+    common = dict(max_train_steps=1, max_grad_norm=1e9, random_flip=True)
+    accumulated = run(tmp_path, output_dir=tmp_path / "accumulated", train_batch_size=4,
+                      gradient_accumulation_steps=2, **common)
+    one_batch = run(tmp_path, output_dir=tmp_path / "one_batch", train_batch_size=8, **common)
+
+    # after one step, AdamW's exp_avg is (1 - beta1) * gradient
+    a = checkpoint_at(accumulated, 1)["optimizer"]["state"]
+    b = checkpoint_at(one_batch, 1)["optimizer"]["state"]
+    for index in b:
+        torch.testing.assert_close(a[index]["exp_avg"], b[index]["exp_avg"], rtol=1e-5, atol=1e-7)
+
+
+def test_lr_schedule_advances_once_per_optimizer_step_not_per_micro_batch(tmp_path):
+    out = run(tmp_path, max_train_steps=3, gradient_accumulation_steps=2, lr_scheduler="linear")
+    state = checkpoint_at(out, 3)["state"]
+    assert (state["epoch"], state["epoch_batches"]) == (0, 6)  # micro-batches drawn
+    assert state["lr_scheduler"]["last_epoch"] == 3
+
+
+# -----------------------------------------------------------------------------
+# Stopping and resuming
+
+
+def test_a_stopped_and_resumed_run_equals_the_uninterrupted_run_bit_for_bit(tmp_path):
+    # 20 images in batches of 4 and 2 accumulation steps: 2.5 optimizer steps per epoch, so an epoch ends
+    # inside step 3 and the resume point (after 6 batches) lies one batch into the second epoch
+    options = dict(model={**TINY_UNET, "dropout": 0.1}, train_data_dir=image_folder(tmp_path / "images", 20),
+                   use_ema=True, random_flip=True, gradient_accumulation_steps=2, max_train_steps=6,
+                   checkpointing_steps=3, save_images_epochs=1)
+    uninterrupted = run(tmp_path, output_dir=tmp_path / "uninterrupted", **options)
+    state = checkpoint_at(uninterrupted, 3)["state"]
+    assert (state["epoch"], state["epoch_batches"]) == (1, 1)
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(uninterrupted / "checkpoint-3", resumed / "checkpoint-3")
+    run(tmp_path, output_dir=resumed, resume_from_checkpoint="latest", **options)
+
+    a, b = checkpoint_at(uninterrupted, 6), checkpoint_at(resumed, 6)
+    assert_same_tensors(a["model"], b["model"])
+    assert_same_tensors(a["ema"], b["ema"])
+    assert_same_optimizer_state(a["optimizer"], b["optimizer"])
+    assert_same_tensors(a["rng"][0], b["rng"][0])
+    assert {**a["state"], "args": None} == {**b["state"], "args": None}
+
+
+def test_a_run_resumed_at_an_epoch_end_does_not_sample_that_epoch_again(tmp_path):
+    # 8 images in batches of 4: epoch 1 ends at step 2, where the checkpoint is
+    options = dict(train_data_dir=image_folder(tmp_path / "images", 8), max_train_steps=4, checkpointing_steps=2,
+                   save_images_epochs=1)
+    uninterrupted = run(tmp_path, output_dir=tmp_path / "uninterrupted", **options)
+    assert sorted(p.name for p in (uninterrupted / "samples").iterdir()) == ["0001.png", "0002.png"]
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(uninterrupted / "checkpoint-2", resumed / "checkpoint-2")
+    run(tmp_path, output_dir=resumed, resume_from_checkpoint="latest", **options)
+    assert sorted(p.name for p in (resumed / "samples").iterdir()) == ["0002.png"]
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: not an Exception, so nothing in train.py can catch it."""
+
+
+def test_a_kill_while_writing_a_checkpoint_leaves_the_previous_one_to_resume_from(tmp_path, monkeypatch, capsys):
+    real_save_file = ddpm.checkpoint.save_file
+
+    def save_file_killed_in_checkpoint_4(tensors, filename):
+        # dies after model.safetensors and optimizer.pt of checkpoint-4 are written, before the RNG states
+        if ".checkpoint-4.tmp" in filename and "rng-rank" in filename:
+            raise Killed
+        real_save_file(tensors, filename)
+
+    options = dict(max_train_steps=6, checkpointing_steps=2)
+    with monkeypatch.context() as patch:
+        patch.setattr(ddpm.checkpoint, "save_file", save_file_killed_in_checkpoint_4)
+        with pytest.raises(Killed):
+            run(tmp_path, **options)
+    out = tmp_path / "out"
+    assert (out / ".checkpoint-4.tmp" / "model.safetensors").is_file()
+    assert not (out / "checkpoint-4").exists()
+    assert list_checkpoints(out) == [out / "checkpoint-2"]
+    assert checkpoint_at(out, 2)["state"]["step"] == 2
+    capsys.readouterr()
+
+    run(tmp_path, resume_from_checkpoint="latest", **options)
+    assert f"resumed from {out / 'checkpoint-2'} at step 2" in capsys.readouterr().out
+    assert list_checkpoints(out) == [out / "checkpoint-2", out / "checkpoint-4", out / "checkpoint-6"]
+    assert not (out / ".checkpoint-4.tmp").exists()
+
+
+def test_resume_latest_without_a_checkpoint_starts_a_new_run_with_a_notice(tmp_path, capsys):
+    out = run(tmp_path, resume_from_checkpoint="latest", max_train_steps=2)
+    assert f"no checkpoint in {out} to resume from: starting a new run" in capsys.readouterr().out
+    assert list_checkpoints(out) == [out / "checkpoint-2"]
+
+
+def test_checkpoints_total_limit_keeps_only_the_newest(tmp_path):
+    out = run(tmp_path, max_train_steps=5, checkpointing_steps=1, checkpoints_total_limit=2)
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-4", "checkpoint-5"]
+
+
+def test_sigterm_writes_a_checkpoint_at_the_current_step_exits_0_and_the_run_resumes_to_the_end(tmp_path, capsys):
+    argv = tiny_args(tmp_path, max_train_steps=40, checkpointing_steps=1000)
+    out = tmp_path / "out"
+    with open(tmp_path / "stdout", "w") as stdout, open(tmp_path / "stderr", "w") as stderr:
+        process = subprocess.Popen([sys.executable, str(TRAIN_PY), *argv], stdout=stdout, stderr=stderr,
+                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+        # the TensorBoard event file is created just before the training loop starts
+        deadline = time.monotonic() + 120
+        while not list(out.glob("logs/events.*")) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        process.send_signal(signal.SIGTERM)
+        returncode = process.wait(timeout=120)
+    output = (tmp_path / "stdout").read_text() + (tmp_path / "stderr").read_text()
+    assert returncode == 0, output
+    [checkpoint] = list_checkpoints(out)
+    stopped_at = load_checkpoint(checkpoint, rank=0)["state"]["step"]
+    assert checkpoint.name == f"checkpoint-{stopped_at}" and 1 <= stopped_at < 40
+    assert f"stop signal received: checkpoint written at step {stopped_at}" in output
+
+    train.main(argv + ["--resume_from_checkpoint", "latest"])
+    assert f"resumed from {checkpoint} at step {stopped_at}" in capsys.readouterr().out
+    assert list_checkpoints(out)[-1] == out / "checkpoint-40"
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_a_stop_signal_during_the_last_step_still_writes_the_pipeline(tmp_path, monkeypatch):
+    def sigterm(loss):
+        signal.raise_signal(signal.SIGTERM)
+        return loss
+
+    monkeypatch.setattr(train, "diffusion_loss", loss_on_call(2, sigterm))
+    out = run(tmp_path, max_train_steps=2)
+    assert list_checkpoints(out) == [out / "checkpoint-2"]
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+# -----------------------------------------------------------------------------
+# Mixed precision and non-finite losses
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path):
+    out = run(tmp_path, mixed_precision="bf16", max_train_steps=3, checkpointing_steps=1, logging_steps=1)
+    events = EventAccumulator(str(out / "logs"))
+    events.Reload()
+    losses = [event.value for event in events.Scalars("train/loss")]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    first, last = checkpoint_at(out, 1)["model"], checkpoint_at(out, 3)["model"]
+    assert all(torch.isfinite(tensor).all() for tensor in last.values())
+    assert not all(torch.equal(first[name], last[name]) for name in first)
+    unet, _ = load_pipeline(out)
+    assert_same_tensors(unet.state_dict(), last)
+
+
+class OverflowingGradient(torch.autograd.Function):
+    """The identity forward; an infinite gradient backward, as when fp16 gradients overflow."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def test_an_fp16_overflow_step_is_skipped_and_counted(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "diffusion_loss", loss_on_call(2, OverflowingGradient.apply))
+    out = run(tmp_path, mixed_precision="fp16", use_ema=True, max_train_steps=3, checkpointing_steps=1)
+    before, overflowed, after = (checkpoint_at(out, step) for step in (1, 2, 3))
+
+    assert [c["state"]["skipped_steps"] for c in (before, overflowed, after)] == [0, 1, 1]
+    assert_same_tensors(before["model"], overflowed["model"])
+    assert_same_tensors(before["ema"], overflowed["ema"])
+    assert [c["state"]["lr_scheduler"]["last_epoch"] for c in (before, overflowed, after)] == [1, 1, 2]
+    assert [c["state"]["ema_step"] for c in (before, overflowed, after)] == [1, 1, 2]
+    assert overflowed["state"]["grad_scaler"]["scale"] == before["state"]["grad_scaler"]["scale"] / 2
+    assert not all(torch.equal(overflowed["model"][name], after["model"][name]) for name in after["model"])
+
+
+def test_a_nan_loss_in_fp32_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "diffusion_loss", loss_on_call(4, lambda loss: loss * float("nan")))
+    with pytest.raises(SystemExit) as stopped:
+        run(tmp_path, max_train_steps=6, checkpointing_steps=3, logging_steps=1)
+    message = stopped.value.code
+    assert message.startswith("train.py: error: the loss became NaN or infinite by step 4;")
+    assert "\n" not in message
+    out = tmp_path / "out"
+    assert list_checkpoints(out) == [out / "checkpoint-3"]
+    assert all(torch.isfinite(tensor).all() for tensor in checkpoint_at(out, 3)["model"].values())
+
+
+def test_a_nan_loss_is_caught_before_an_epoch_end_saves_the_pipeline(tmp_path, monkeypatch):
+    # 8 images in batches of 4: epochs end at steps 2 and 4; the loss turns NaN at step 3
+    monkeypatch.setattr(train, "diffusion_loss", loss_on_call(3, lambda loss: loss * float("nan")))
+    with pytest.raises(SystemExit, match="by step 4"):
+        run(tmp_path, train_data_dir=image_folder(tmp_path / "images", 8), max_train_steps=6,
+            save_model_epochs=1, logging_steps=100, checkpointing_steps=100)
+    unet, _ = load_pipeline(tmp_path / "out")  # saved at step 2
+    assert all(torch.isfinite(tensor).all() for tensor in unet.state_dict().values())
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+
+def test_odd_image_modes_train_and_a_corrupt_file_is_skipped_with_a_warning(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (10, 10), dtype=np.uint8)).save(images / "grey.png")  # L
+    Image.fromarray(rng.integers(0, 256, (10, 10, 4), dtype=np.uint8)).save(images / "alpha.png")  # RGBA
+    Image.fromarray(rng.integers(0, 256, (10, 10, 3), dtype=np.uint8)).convert("P").save(images / "palette.png")
+    Image.fromarray(rng.integers(0, 65536, (10, 10), dtype=np.uint16)).save(images / "sixteen_bit.png")  # I;16
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    assert [Image.open(images / name).mode for name in ("grey.png", "alpha.png", "palette.png", "sixteen_bit.png")] \
+        == ["L", "RGBA", "P", "I;16"]
+
+    # a batch of 5 reads every file
+    with pytest.warns(UserWarning, match="skipping unreadable image .*broken.png"):
+        out = run(tmp_path, train_data_dir=images, train_batch_size=5, max_train_steps=2)
+    assert list_checkpoints(out) == [out / "checkpoint-2"]
+    assert all(torch.isfinite(tensor).all() for tensor in checkpoint_at(out, 2)["model"].values())
+
+
+# -----------------------------------------------------------------------------
+# Bad input: one line, "train.py: error: ...", naming the value
+
+
+def folder(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+BAD_INPUTS = {
+    "missing_data_folder": lambda tmp: (dict(train_data_dir=tmp / "nowhere"), "nowhere"),
+    "empty_data_folder": lambda tmp: (dict(train_data_dir=folder(tmp / "empty")), "empty"),
+    "dataset_smaller_than_the_batch": lambda tmp: (
+        dict(train_data_dir=image_folder(tmp / "three", 3), train_batch_size=4), "3 images"),
+    "resolution_not_divisible_by_2_to_the_levels_minus_1": lambda tmp: (dict(resolution=9), "--resolution 9"),
+    "resolution_other_than_the_model_sample_size": lambda tmp: (
+        dict(resolution=16, model={**TINY_UNET, "sample_size": 8}), "sample_size 8"),
+    "zero_batch_size": lambda tmp: (dict(train_batch_size=0), "--train_batch_size must be >= 1, got 0"),
+    "negative_batch_size": lambda tmp: (dict(train_batch_size=-2), "--train_batch_size must be >= 1, got -2"),
+    "zero_learning_rate": lambda tmp: (dict(learning_rate=0), "--learning_rate must be > 0, got 0.0"),
+    "negative_warmup": lambda tmp: (dict(lr_warmup_steps=-1), "--lr_warmup_steps must be >= 0, got -1"),
+    "unknown_lr_scheduler": lambda tmp: (dict(lr_scheduler="cosine_restarts"), "'cosine_restarts'"),
+    "more_inference_steps_than_diffusion_steps": lambda tmp: (
+        dict(ddpm_num_steps=10, ddpm_num_inference_steps=20), "(20)"),
+    "resume_from_a_folder_that_is_not_a_checkpoint": lambda tmp: (
+        dict(resume_from_checkpoint=folder(tmp / "not-a-checkpoint")), "not-a-checkpoint"),
+    "unsupported_model_config_value": lambda tmp: (dict(model={**TINY_UNET, "act_fn": "gelu"}), "'gelu'"),
+    "unknown_model_config_key": lambda tmp: (dict(model={**TINY_UNET, "attention_dropout": 0.1}),
+                                             "attention_dropout"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_ends_the_run_with_a_one_line_error_naming_the_value(case, tmp_path, monkeypatch, capsys):
+    options, value = BAD_INPUTS[case](tmp_path)
+    monkeypatch.setattr(sys, "argv", [str(TRAIN_PY)])  # argparse names the program after argv[0]
+    with pytest.raises(SystemExit) as stopped:
+        run(tmp_path, **options)
+    code = stopped.value.code
+    assert code not in (0, None)
+    # argparse prints usage and the error and exits 2; fail() exits with the message, which Python prints
+    stderr = capsys.readouterr().err + (code if isinstance(code, str) else "")
+    last_line = stderr.strip().splitlines()[-1]
+    assert last_line.startswith("train.py: error: ")
+    assert value in last_line
+    assert not (tmp_path / "out" / "checkpoint-2").exists()
+
+
+def test_a_bad_input_exits_with_the_error_and_no_traceback(tmp_path):
+    argv = tiny_args(tmp_path, train_data_dir=tmp_path / "nowhere")
+    result = subprocess.run([sys.executable, str(TRAIN_PY), *argv], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"train.py: error: --train_data_dir {str(tmp_path / 'nowhere')!r} is not a folder; "
+        "pass a folder that contains images")
+
+
+# -----------------------------------------------------------------------------
+# The output folder
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """The output folder of a finished 3-step run, logging every step."""
+    tmp_path = tmp_path_factory.mktemp("finished")
+    with own_signal_handlers():  # this module-scoped fixture runs before restore_signal_handlers saves them
+        return run(tmp_path, max_train_steps=3, logging_steps=1, use_ema=True)
+
+
+def test_output_folder_samples_in_diffusers_ddpm_pipeline_as_in_generate(finished_run):
+    pipeline = diffusers.DDPMPipeline.from_pretrained(finished_run)
+    pipeline.set_progress_bar_config(disable=True)
+    theirs = pipeline(batch_size=2, generator=torch.manual_seed(3), num_inference_steps=2, output_type="np").images
+    unet, scheduler = load_pipeline(finished_run)
+    ours = generate(unet, scheduler, 2, torch.manual_seed(3), num_inference_steps=2)
+    assert theirs.shape == (2, 8, 8, 3)
+    np.testing.assert_allclose(ours.permute(0, 2, 3, 1).numpy(), theirs, rtol=0, atol=1e-5)
+
+
+def test_output_folder_holds_the_ema_weights(finished_run):
+    weights = load_file(str(finished_run / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert_same_tensors(weights, checkpoint_at(finished_run, 3)["ema"])
+
+
+def test_a_sample_grid_png_is_written(finished_run):
+    [grid] = (finished_run / "samples").glob("*.png")
+    with Image.open(grid) as image:
+        # make_grid: 2 images of 8x8 side by side with 2-pixel padding
+        assert (image.format, image.mode, image.size) == ("PNG", "RGB", (22, 12))
+
+
+def test_tensorboard_logs_loss_lr_grad_norm_and_throughput_each_logging_step(finished_run):
+    events = EventAccumulator(str(finished_run / "logs"))
+    events.Reload()
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/images_per_s"):
+        assert [event.step for event in events.Scalars(tag)] == [1, 2, 3], tag
+        assert all(np.isfinite(event.value) for event in events.Scalars(tag)), tag
