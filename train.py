@@ -28,6 +28,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
@@ -188,6 +189,7 @@ def fail(message: str) -> None:
     sys.exit(f"train.py: error: {message}")
 
 
+@record  # under torchrun, a failing rank's traceback goes into the launcher's error summary
 def main(argv=None) -> None:
     args = parse_args(argv)
     ctx = distributed.setup(args.device, args.ddp_timeout)
@@ -284,6 +286,11 @@ def main(argv=None) -> None:
             log_main(ctx, f"warning: checkpoint was written by {state['world_size']} processes, this run has "
                           f"{ctx.world_size}: data order and noise continue, but not exactly as before")
         log_main(ctx, f"resumed from {resume_path} at step {step} (epoch {epoch}, batch {epoch_batches})")
+
+    if not distributed.same_on_every_rank(ctx, step):
+        fail(f"the processes would resume from different steps (this one: step {step}, from "
+             f"{str(resume_path) if resume_path else 'no checkpoint'}); every node must see the same checkpoint, "
+             "e.g. --output_dir on a shared filesystem")
 
     # -------------------------------------------------------------------------
     # Logging, sampling and saving (rank 0 writes everything)

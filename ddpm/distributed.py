@@ -60,6 +60,19 @@ def any_rank(ctx: Context, flag: bool) -> bool:
     return bool(tensor.item())
 
 
+def same_on_every_rank(ctx: Context, value: int) -> bool:
+    """True on every rank if every rank passed the same integer (e.g. the step it resumes from).
+
+    Ranks that disagree on the step would run different numbers of collectives and hang or pair them wrongly.
+    """
+    if not ctx.is_distributed:
+        return True
+    # max(v) == min(v), and min(v) = -max(-v), exactly when all values are equal
+    tensor = torch.tensor([value, -value], device=ctx.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor[0].item() == -tensor[1].item()
+
+
 def gather_to_main(ctx: Context, value):
     """A list of every rank's `value` on rank 0 (None elsewhere)."""
     if not ctx.is_distributed:
