@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--checkpoints_total_limit", type=int, default=None, help="keep at most N checkpoints")
     add("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
     add("--model_config_name_or_path", default=None, help="a UNet config.json (or a folder holding one)")
+    add("--gradient_checkpointing", action="store_true",
+        help="recompute each UNet block in the backward pass: ~90%% less activation memory, ~+27%% step time")
+    add("--channels_last", action="store_true", help="channels_last weights and images (faster convs on GPUs)")
+    add("--compile", action="store_true", help="torch.compile the UNet for training (the first steps compile)")
     add("--seed", type=int, default=0, help="seeds weights, data order, noise and sample grids")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     add("--ddp_timeout", type=float, default=1800, help="seconds a collective may wait before the job fails")
@@ -230,10 +234,16 @@ def main(argv=None) -> None:
     # Model, noise schedule, optimizer, LR schedule, EMA
 
     unet = UNet2DModel(**args.model_config).to(device)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    unet.to(memory_format=memory_format)
     scheduler = DDPMScheduler(num_train_timesteps=args.ddpm_num_steps, beta_schedule=args.ddpm_beta_schedule,
                               prediction_type=args.prediction_type)
-    model = DistributedDataParallel(unet, device_ids=[device] if device.type == "cuda" else None) \
-        if ctx.is_distributed else unet
+    # `unet` stays the plain module for the optimizer, EMA, checkpoints and saving; `model` runs the steps
+    model = torch.compile(unet) if args.compile else unet
+    if ctx.is_distributed:
+        model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
                                   fused=device.type == "cuda", foreach=None if device.type == "cuda" else True)
@@ -346,7 +356,7 @@ def main(argv=None) -> None:
             sampler.set_epoch(epoch, start=epoch_batches * args.train_batch_size)
             data_iter = iter(loader)
         epoch_batches += 1
-        return next(data_iter).to(device, non_blocking=True)
+        return next(data_iter).to(device, non_blocking=True, memory_format=memory_format)
 
     def epochs_completed() -> int:
         """Epochs whose last batch has been drawn (known at once from a checkpoint at an epoch's end)."""

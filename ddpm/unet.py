@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 # diffusers' UNet2DModel.__init__ defaults. Every key is written to config.json.
 DEFAULT_CONFIG: dict[str, Any] = {
@@ -105,6 +106,11 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, flip_sin_to_cos: bool,
     return embedding
 
 
+def rescale(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """x / factor, skipped when factor is 1: the same numbers without one more pass over x."""
+    return x if factor == 1 else x / factor
+
+
 class TimestepEmbedding(nn.Module):
     """MLP on the sinusoidal embedding: linear -> SiLU -> linear."""
 
@@ -137,8 +143,9 @@ class ResnetBlock2D(nn.Module):
         h = self.conv1(F.silu(self.norm1(x)))
         h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        # x may carry channels_last strides from attention: contiguous() keeps diffusers' conv kernel and numbers
         shortcut = self.conv_shortcut(x.contiguous()) if self.conv_shortcut is not None else x
-        return (shortcut + h) / self.output_scale_factor
+        return rescale(shortcut + h, self.output_scale_factor)
 
 
 class Attention(nn.Module):
@@ -171,7 +178,7 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(batch, -1, self.heads * self.head_dim)
         out = self.to_out[0](out)
         out = out.transpose(1, 2).reshape(batch, channels, height, width)
-        return (out + x) / self.rescale_output_factor
+        return rescale(out + x, self.rescale_output_factor)
 
 
 class Downsample2D(nn.Module):
@@ -253,8 +260,10 @@ class UpBlock(nn.Module):
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels)] if add_upsample else [])
 
     def forward(self, x: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor) -> torch.Tensor:
-        for i, resnet in enumerate(self.resnets):
-            x = resnet(torch.cat([x, skips.pop()], dim=1), temb)
+        """`skips` are this level's encoder outputs in the order they were made; the last is used first.
+        The list is not changed, so a checkpointed recomputation sees the same skips."""
+        for i, (resnet, skip) in enumerate(zip(self.resnets, reversed(skips))):
+            x = resnet(torch.cat([x, skip], dim=1), temb)
             if self.attentions:
                 x = self.attentions[i](x)
         for upsampler in self.upsamplers:
@@ -292,6 +301,8 @@ class UNet2DModel(nn.Module):
     def __init__(self, **config: Any):
         super().__init__()
         self.config = resolve_config(**config)
+        # Recompute each down/mid/up block in the backward pass instead of keeping its activations
+        self.gradient_checkpointing = False
         cfg = self.config
         channels = cfg["block_out_channels"]
         temb_channels = cfg["time_embedding_dim"] or 4 * channels[0]
@@ -334,6 +345,19 @@ class UNet2DModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.conv_in.weight.dtype
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Trade compute for memory in training: only each block's inputs are kept for the backward
+        pass, and the block is run again there (about one more forward per step)."""
+        self.gradient_checkpointing = True
+
+    def disable_gradient_checkpointing(self) -> None:
+        self.gradient_checkpointing = False
+
+    def _run_block(self, block: nn.Module, *args: Any) -> Any:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int) -> torch.Tensor:
         """(B, in_channels, H, W) and a timestep (int, 0-d or (B,) tensor) -> (B, out_channels, H, W)."""
         cfg = self.config
@@ -348,12 +372,14 @@ class UNet2DModel(nn.Module):
         x = self.conv_in(sample)
         skips = [x]
         for block in self.down_blocks:
-            x, block_skips = block(x, temb)
+            x, block_skips = self._run_block(block, x, temb)
             skips.extend(block_skips)
         if self.mid_block is not None:
-            x = self.mid_block(x, temb)
+            x = self._run_block(self.mid_block, x, temb)
         for block in self.up_blocks:
-            x = block(x, skips, temb)
+            level_skips = skips[-len(block.resnets):]
+            del skips[-len(block.resnets):]
+            x = self._run_block(block, x, level_skips, temb)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
 
 

@@ -504,7 +504,8 @@ def test_nodes_that_would_resume_from_different_steps_stop_before_training(
     returncodes, outputs = two_nodes(tiny_config, (with_checkpoint, without_checkpoint), "--use_ema",
                                      "--max_train_steps", "6", "--checkpointing_steps", "3",
                                      "--resume_from_checkpoint", "latest", "--ddp_timeout", "10", tmp_path=tmp_path)
-    # today the ranks either time out in mismatched collectives or train and save out of step, never saying why
+    # without the check the ranks would time out in mismatched collectives or train and save out of step
     assert returncodes == [1, 1] and all("train.py: error:" in output for output in outputs), tail("\n".join(outputs))
     assert [path.name for path in list_checkpoints(with_checkpoint)] == ["checkpoint-3"]
     assert list_checkpoints(without_checkpoint) == []
+
