@@ -63,15 +63,19 @@ def restore_signal_handlers():
 
 
 def tiny_args(tmp_path: Path, model: dict | None = None, **options) -> list[str]:
-    """argv for a tiny CPU run writing to tmp_path/out; `options` add or override flags (True: a bare flag)."""
+    """argv for a tiny CPU run writing to tmp_path/out, without EMA; `options` add or override flags
+    (True: a bare flag, False: its --no- form)."""
     config = tmp_path / "unet.json"
     config.write_text(json.dumps(TINY_UNET if model is None else model))
     options = {"model_config_name_or_path": config, "output_dir": tmp_path / "out", "resolution": 8,
                "train_batch_size": 4, "eval_batch_size": 2, "ddpm_num_inference_steps": 2, "lr_warmup_steps": 1,
-               "max_train_steps": 2, "device": "cpu", **options}
+               "max_train_steps": 2, "device": "cpu", "use_ema": False, **options}
     argv = []
     for name, value in options.items():
-        argv += [f"--{name}"] if value is True else [f"--{name}", str(value)]
+        if value is True or value is False:  # a bare flag, or its --no- form
+            argv.append(f"--{name}" if value else f"--no-{name}")
+        else:
+            argv += [f"--{name}", str(value)]
     return argv
 
 
