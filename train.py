@@ -335,9 +335,9 @@ def main(argv=None) -> None:
             state = {"step": step, "epoch": epoch, "epoch_batches": epoch_batches, "skipped_steps": skipped_steps,
                      "lr_scheduler": lr_scheduler.state_dict(), "grad_scaler": scaler.state_dict(),
                      "ema_step": ema.optimization_step if ema else None, "world_size": ctx.world_size,
-                     "seed": args.seed, "noise_seeds": [rank_seed("noise", args.seed, r) for r in range(ctx.world_size)],
-                     "train_batch_size": args.train_batch_size,
-                     "dataset_size": len(dataset), "args": vars(args)}
+                     "seed": args.seed, "train_batch_size": args.train_batch_size, "dataset_size": len(dataset),
+                     "noise_seeds": [rank_seed("noise", args.seed, r) for r in range(ctx.world_size)],
+                     "args": vars(args)}
             path = save_checkpoint(output_dir, step, unet.state_dict(), ema.state_dict() if ema else None,
                                    optimizer.state_dict(), rng_states, state, args.checkpoints_total_limit)
             tqdm.write(f"saved {path}")
