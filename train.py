@@ -2,7 +2,7 @@
 tutorial, in one plain PyTorch script. The output folder loads in DDPMPipeline.from_pretrained.
 
 On one machine (CPU, or one GPU):
-$ python train.py                                   # quickstart: built-in shapes, 32x32, minutes on a CPU
+$ python train.py                                   # quickstart: built-in shapes, 16x16, minutes on a CPU
 $ python train.py --preset butterflies-128          # the tutorial exactly (downloads from the Hub)
 
 With torchrun, one process per GPU (global batch = train_batch_size x GPUs x accumulation steps):
@@ -45,7 +45,6 @@ from ddpm.loss import diffusion_loss
 from ddpm.lr_schedule import make_lr_scheduler
 from ddpm.presets import PRESETS
 
-# -----------------------------------------------------------------------------
 # Configuration: preset values, overridden by explicit flags.
 
 
@@ -86,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--ema_max_decay", type=float, default=0.9999)
     add("--logging_dir", default="logs", help="TensorBoard folder, inside output_dir")
     add("--logging_steps", type=int, default=10, help="log loss, lr and speed every N optimizer steps")
-    add("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="autocast dtype")
+    add("--mixed_precision", default="no", choices=["no", "fp16", "bf16"], help="autocast dtype")
     add("--prediction_type", default="epsilon", choices=["epsilon", "sample", "v_prediction"])
     add("--ddpm_num_steps", type=int, default=1000, help="T, the number of diffusion steps")
     add("--ddpm_num_inference_steps", type=int, default=None, help="denoising steps for sample grids")
@@ -200,12 +199,6 @@ def main(argv=None) -> None:
     device = ctx.device
     output_dir = Path(args.output_dir)
 
-    # Preemption: remember the signal, finish the step, checkpoint, exit 0.
-    stop_requested = []
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda s, frame: stop_requested.append(s))
-
-    # -------------------------------------------------------------------------
     # Data
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
@@ -230,7 +223,6 @@ def main(argv=None) -> None:
     steps_per_epoch = batches_per_epoch / args.gradient_accumulation_steps
     total_steps = args.max_train_steps or math.ceil(args.num_epochs * steps_per_epoch)
 
-    # -------------------------------------------------------------------------
     # Model, noise schedule, optimizer, LR schedule, EMA
 
     unet = UNet2DModel(**args.model_config).to(device)
@@ -258,10 +250,9 @@ def main(argv=None) -> None:
     # after the (identical) initialisation, dropout draws from the global RNG, seeded per rank too
     torch.manual_seed(rank_seed("dropout", args.seed, ctx.rank))
 
-    # -------------------------------------------------------------------------
     # Resume
 
-    step, epoch, epoch_batches, skipped_steps = 0, 0, 0, 0
+    step, epoch, epoch_batches, skipped_steps, skipped_in_a_row = 0, 0, 0, 0, 0
     resume_path = None
     if args.resume_from_checkpoint == "latest":
         found = list_checkpoints(output_dir)
@@ -273,23 +264,25 @@ def main(argv=None) -> None:
     if resume_path is not None:
         try:
             checkpoint = load_checkpoint(resume_path, ctx.rank)
+            state = checkpoint["state"]
+            for name, now in (("seed", args.seed), ("train_batch_size", args.train_batch_size),
+                              ("dataset_size", len(dataset))):
+                if state[name] != now:
+                    fail(f"checkpoint {str(resume_path)!r} was written with {name} {state[name]}, this run has "
+                         f"{now}; resume with the same seed, data and batch size")
             unet.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
-        except (CheckpointError, RuntimeError) as error:
+            step, epoch, epoch_batches = state["step"], state["epoch"], state["epoch_batches"]
+            skipped_steps = state["skipped_steps"]
+            lr_scheduler.load_state_dict(state["lr_scheduler"])
+            if scaler.is_enabled() and state["grad_scaler"]:  # empty when the checkpoint was not trained in fp16
+                scaler.load_state_dict(state["grad_scaler"])
+            if ema is not None:
+                if checkpoint["ema"] is None:
+                    fail(f"--use_ema is on but checkpoint {str(resume_path)!r} holds no EMA weights")
+                ema.load_state_dict(checkpoint["ema"], state["ema_step"])
+        except (CheckpointError, RuntimeError, KeyError, ValueError) as error:
             fail(f"cannot resume from {str(resume_path)!r}: {str(error).splitlines()[0]}")
-        state = checkpoint["state"]
-        step, epoch, epoch_batches = state["step"], state["epoch"], state["epoch_batches"]
-        skipped_steps = state["skipped_steps"]
-        for name, now in (("train_batch_size", args.train_batch_size), ("dataset_size", len(dataset))):
-            if state[name] != now:
-                fail(f"checkpoint {str(resume_path)!r} was written with {name} {state[name]}, this run has {now}; "
-                     "resume with the same data and batch size")
-        lr_scheduler.load_state_dict(state["lr_scheduler"])
-        scaler.load_state_dict(state["grad_scaler"])
-        if ema is not None:
-            if checkpoint["ema"] is None:
-                fail(f"--use_ema is on but checkpoint {str(resume_path)!r} holds no EMA weights")
-            ema.load_state_dict(checkpoint["ema"], state["ema_step"])
         if checkpoint["rng"] is not None and state["world_size"] == ctx.world_size:
             restore_rng_state(noise_generator, *checkpoint["rng"])
         else:
@@ -302,8 +295,12 @@ def main(argv=None) -> None:
              f"{str(resume_path) if resume_path else 'no checkpoint'}); every node must see the same checkpoint, "
              "e.g. --output_dir on a shared filesystem")
 
-    # -------------------------------------------------------------------------
     # Logging, sampling and saving (rank 0 writes everything)
+
+    # Preemption: from here on a signal is remembered; the step finishes, a checkpoint is written, exit 0
+    stop_requested = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda s, frame: stop_requested.append(s))
 
     writer = SummaryWriter(str(output_dir / args.logging_dir)) if ctx.is_main else None
     log_main(ctx, f"{source.description}; {sum(p.numel() for p in unet.parameters()):,} UNet parameters; "
@@ -343,7 +340,6 @@ def main(argv=None) -> None:
             tqdm.write(f"saved {path}")
         distributed.barrier(ctx)
 
-    # -------------------------------------------------------------------------
     # Training loop: one iteration per optimizer step
 
     def next_batch():
@@ -395,7 +391,12 @@ def main(argv=None) -> None:
         optimizer.zero_grad(set_to_none=True)
         if scale_before is not None and scaler.get_scale() < scale_before:
             skipped_steps += 1  # fp16 overflow: GradScaler skipped the update and lowered the scale
+            skipped_in_a_row += 1
+            if skipped_in_a_row == 50:  # the scale fell by 2^50: the loss itself is NaN, not an overflow
+                fail(f"50 fp16 steps in a row overflowed, up to step {step + 1}; the last checkpoint is kept "
+                     "(try a lower --learning_rate, or --mixed_precision bf16)")
         else:
+            skipped_in_a_row = 0
             lr_scheduler.step()
             if ema is not None:
                 ema.update(unet)

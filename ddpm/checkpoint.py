@@ -74,11 +74,15 @@ def save_checkpoint(output_dir: Path, step: int, model_state: dict[str, torch.Te
     for path in tmp.iterdir():
         with open(path, "rb") as f:
             os.fsync(f.fileno())
-    if final.exists():  # the same step saved again (e.g. resumed, then stopped at once)
+    if final.exists():  # the same step saved again, after resuming from an earlier checkpoint
         shutil.rmtree(final)
     os.replace(tmp, final)
+    directory = os.open(output_dir, os.O_RDONLY)  # make the rename durable before older checkpoints go
+    os.fsync(directory)
+    os.close(directory)
     if total_limit is not None:
-        for old in list_checkpoints(output_dir)[:-total_limit]:
+        others = [path for path in list_checkpoints(output_dir) if path != final]
+        for old in others[:max(0, len(others) - (total_limit - 1))]:  # oldest first; never the one just written
             shutil.rmtree(old)
     return final
 

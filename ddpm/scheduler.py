@@ -168,7 +168,7 @@ class DDPMScheduler:
         alpha_t = abar_t / abar_prev
         beta_t = 1 - alpha_t
 
-        # x_0 predicted from the model output. For epsilon, DDPM Eq. 15 inverted:
+        # x_0 predicted from the model output. For epsilon, DDPM Eq. 15 (Eq. 4 solved for x_0):
         # x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
         if cfg["prediction_type"] == "epsilon":
             pred_x0 = (sample - one_minus_abar_t ** (0.5) * model_output) / abar_t ** (0.5)

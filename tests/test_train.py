@@ -523,3 +523,30 @@ def test_tensorboard_logs_loss_lr_grad_norm_and_throughput_each_logging_step(fin
     for tag in ("train/loss", "train/lr", "train/grad_norm", "train/images_per_s"):
         assert [event.step for event in events.Scalars(tag)] == [1, 2, 3], tag
         assert all(np.isfinite(event.value) for event in events.Scalars(tag)), tag
+
+
+def test_resuming_with_another_seed_ends_with_an_error_naming_both_seeds(tmp_path):
+    out = run(tmp_path, max_train_steps=2, checkpointing_steps=1)
+    with pytest.raises(SystemExit, match="seed 0, this run has 7"):
+        run(tmp_path, max_train_steps=4, seed=7, resume_from_checkpoint="latest", output_dir=out)
+
+
+def test_a_run_saved_without_fp16_resumes_under_fp16(tmp_path):
+    out = run(tmp_path, max_train_steps=2, checkpointing_steps=1)
+    run(tmp_path, max_train_steps=3, mixed_precision="fp16", resume_from_checkpoint="latest", output_dir=out)
+    assert checkpoint_at(out, 3)["state"]["grad_scaler"]["scale"] > 0
+
+
+def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
+    out = run(tmp_path, max_train_steps=4, checkpointing_steps=1, checkpoints_total_limit=2)
+    for abandoned in ("checkpoint-8", "checkpoint-9"):  # newer checkpoints of a run that is being redone
+        shutil.copytree(out / "checkpoint-4", out / abandoned)
+    run(tmp_path, max_train_steps=4, checkpointing_steps=1, checkpoints_total_limit=2,
+        resume_from_checkpoint=str(out / "checkpoint-3"), output_dir=out)
+    assert [path.name for path in list_checkpoints(out)] == ["checkpoint-4", "checkpoint-9"]
+
+
+def test_every_preset_parses_with_a_mixed_precision_setting(tmp_path):
+    for preset in train.PRESETS:
+        args = train.parse_args(["--preset", preset, "--output_dir", str(tmp_path)])
+        assert args.mixed_precision in ("no", "fp16", "bf16")
