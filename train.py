@@ -261,6 +261,9 @@ def main(argv=None) -> None:
             log_main(ctx, f"no checkpoint in {output_dir} to resume from: starting a new run")
     elif args.resume_from_checkpoint:
         resume_path = Path(args.resume_from_checkpoint)
+    elif list_checkpoints(output_dir):
+        log_main(ctx, f"warning: {output_dir} holds checkpoints of an earlier run; this run starts anew and "
+                      "overwrites them as it goes (--resume_from_checkpoint latest continues that run instead)")
     if resume_path is not None:
         try:
             checkpoint = load_checkpoint(resume_path, ctx.rank)

@@ -550,3 +550,10 @@ def test_every_preset_parses_with_a_mixed_precision_setting(tmp_path):
     for preset in train.PRESETS:
         args = train.parse_args(["--preset", preset, "--output_dir", str(tmp_path)])
         assert args.mixed_precision in ("no", "fp16", "bf16")
+
+
+def test_a_new_run_in_a_folder_with_checkpoints_warns_that_it_starts_anew(tmp_path, capsys):
+    out = run(tmp_path, max_train_steps=2, checkpointing_steps=1)
+    capsys.readouterr()
+    run(tmp_path, max_train_steps=2, checkpointing_steps=1, output_dir=out)
+    assert "holds checkpoints of an earlier run" in capsys.readouterr().out
