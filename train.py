@@ -106,10 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
-    preset_name = parser.parse_known_args(argv)[0].preset
-    preset = {k: v for k, v in PRESETS[preset_name].items() if k != "model"}
+    given = parser.parse_known_args(argv)[0]  # before the preset's values: what was typed
+    preset = {k: v for k, v in PRESETS[given.preset].items() if k != "model"}
     parser.set_defaults(**preset)
     args = parser.parse_args(argv)
+    if given.train_data_dir and not given.dataset_name:
+        args.dataset_name = None  # your own image folder replaces the preset's Hub dataset
+    preset_name = given.preset
     args.model_config = dict(PRESETS[preset_name]["model"])
     args.use_ema = bool(args.use_ema)
     args.random_flip = bool(args.random_flip)

@@ -557,3 +557,9 @@ def test_a_new_run_in_a_folder_with_checkpoints_warns_that_it_starts_anew(tmp_pa
     capsys.readouterr()
     run(tmp_path, max_train_steps=2, checkpointing_steps=1, output_dir=out)
     assert "holds checkpoints of an earlier run" in capsys.readouterr().out
+
+
+def test_an_image_folder_replaces_the_presets_hub_dataset(tmp_path):
+    args = train.parse_args(["--preset", "butterflies-128", "--train_data_dir", str(tmp_path), "--resolution", "64"])
+    assert args.dataset_name is None and args.train_data_dir == str(tmp_path)
+    assert args.model_config["sample_size"] == 64
