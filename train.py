@@ -323,9 +323,9 @@ def main(argv=None) -> None:
         ema.copy_to(ema_model)
         return ema_model
 
-    def save_samples(epoch_number: int) -> None:
+    def save_samples(weights: torch.nn.Module, epoch_number: int) -> None:
         # a fixed seed, so grids are comparable over the run
-        images = generate(sampling_model(), scheduler, args.eval_batch_size, torch.Generator().manual_seed(args.seed),
+        images = generate(weights, scheduler, args.eval_batch_size, torch.Generator().manual_seed(args.seed),
                           args.ddpm_num_inference_steps, progress=True)
         grid = make_grid(images, nrow=math.ceil(math.sqrt(len(images))))
         (output_dir / "samples").mkdir(parents=True, exist_ok=True)
@@ -441,11 +441,14 @@ def main(argv=None) -> None:
         if stop and step < total_steps:  # a stop during the last step lets the run finish and save
             log_main(ctx, f"stop signal received: checkpoint written at step {step}, exiting")
             break
-        if ctx.is_main and (epoch_ended or last):
-            if last or completed_epochs % args.save_images_epochs == 0:
-                save_samples(completed_epochs)
-            if last or completed_epochs % args.save_model_epochs == 0:
-                save_pipeline(output_dir, sampling_model(), scheduler)
+        save_images = last or (epoch_ended and completed_epochs % args.save_images_epochs == 0)
+        save_model = last or (epoch_ended and completed_epochs % args.save_model_epochs == 0)
+        if ctx.is_main and (save_images or save_model):
+            weights = sampling_model()  # one EMA copy for both
+            if save_images:
+                save_samples(weights, completed_epochs)
+            if save_model:
+                save_pipeline(output_dir, weights, scheduler)
 
     progress.close()
     if writer is not None:
