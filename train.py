@@ -39,7 +39,7 @@ from ddpm import DDPMScheduler, UNet2DModel, generate, save_pipeline
 from ddpm import distributed
 from ddpm.checkpoint import (CheckpointError, capture_rng_state, list_checkpoints, load_checkpoint,
                              restore_rng_state, save_checkpoint)
-from ddpm.data import DataError, EpochSampler, TrainingImages, load_images
+from ddpm.data import CACHE_BYTES, DataError, EpochSampler, TrainingImages, load_images
 from ddpm.ema import EMA
 from ddpm.loss import diffusion_loss
 from ddpm.lr_schedule import make_lr_scheduler
@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dataset_name", default=None, help="Hugging Face Hub dataset; neither this nor --train_data_dir: built-in shapes")
     add("--dataset_config_name", default=None, help="the Hub dataset's config name")
     add("--train_data_dir", default=None, help="a local folder of images")
+    add("--builtin_data", action="store_true", help="the built-in shapes dataset, also with a preset that names another")
     add("--cache_dir", default=None, help="where datasets caches Hub downloads")
     add("--output_dir", default="ddpm-output", help="pipeline folder, samples/, logs/ and checkpoints")
     add("--resolution", type=int, default=None, help="image size; must be divisible by 2^(levels-1)")
@@ -65,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--train_batch_size", type=int, default=None, help="images per device per micro-step")
     add("--eval_batch_size", type=int, default=None, help="images in each sample grid")
     add("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes per device")
+    add("--cache_images", action=argparse.BooleanOptionalAction, default=True,
+        help=f"decode the images once and keep them in memory when they fit in {CACHE_BYTES / 2**30:g} GiB "
+             "(per process); else each is decoded when drawn")
     add("--num_epochs", type=int, default=100, help="passes over the data (ignored with --max_train_steps)")
     add("--max_train_steps", type=int, default=None, help="optimizer steps to train; overrides --num_epochs")
     add("--save_images_epochs", type=int, default=None, help="write a sample grid every N epochs (and at the end)")
@@ -110,8 +114,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     preset = {k: v for k, v in PRESETS[given.preset].items() if k != "model"}
     parser.set_defaults(**preset)
     args = parser.parse_args(argv)
-    if given.train_data_dir and not given.dataset_name:
-        args.dataset_name = None  # your own image folder replaces the preset's Hub dataset
+    if given.builtin_data and (given.dataset_name or given.train_data_dir):
+        parser.error(f"--builtin_data and {'--dataset_name' if given.dataset_name else '--train_data_dir'} "
+                     "name two datasets; pass one")
+    if given.train_data_dir or given.builtin_data:
+        args.dataset_name = None  # your own image folder, or the built-in shapes, replaces the preset's Hub dataset
     preset_name = given.preset
     args.model_config = dict(PRESETS[preset_name]["model"])
     args.use_ema = bool(args.use_ema)
@@ -211,7 +218,8 @@ def main(argv=None) -> None:
         if len(source) == 0:
             raise DataError(f"the dataset holds no images ({source.description})")
         channels = args.model_config.get("in_channels", 3)
-        dataset = TrainingImages(source, args.resolution, channels, args.center_crop, args.random_flip)
+        dataset = TrainingImages(source, args.resolution, channels, args.center_crop, args.random_flip,
+                                 cache_bytes=CACHE_BYTES if args.cache_images else 0, progress=ctx.is_main)
         sampler = EpochSampler(len(dataset), args.seed, ctx.rank, ctx.world_size)
     except DataError as error:
         fail(str(error))
@@ -309,7 +317,7 @@ def main(argv=None) -> None:
         signal.signal(signum, lambda s, frame: stop_requested.append(s))
 
     writer = SummaryWriter(str(output_dir / args.logging_dir)) if ctx.is_main else None
-    log_main(ctx, f"{source.description}; {sum(p.numel() for p in unet.parameters()):,} UNet parameters; "
+    log_main(ctx, f"{source.description}{' (decoded, in memory)' if dataset.cached else ''}; {sum(p.numel() for p in unet.parameters()):,} UNet parameters; "
                   f"global batch {args.train_batch_size} x {ctx.world_size} processes x "
                   f"{args.gradient_accumulation_steps} accumulation = "
                   f"{args.train_batch_size * ctx.world_size * args.gradient_accumulation_steps}; "

@@ -67,9 +67,15 @@ def parse_args() -> argparse.Namespace:
                         "(use with --threads 1); wall: elapsed time (always on CUDA)")
     p.add_argument("--peak_tflops", type=float, default=None,
                    help=f"the card's dense peak for MFU (default on CUDA: H100 SXM bf16, {H100_SXM_BF16_TFLOPS:g})")
+    p.add_argument("--measure", default="train,forward,sample,memory",
+                   help="which of train, forward, sample, memory to measure (comma-separated); fewer is quicker "
+                        "under --compile, where each is compiled anew")
     p.add_argument("--profile", type=int, default=0, help="print the top N ops by self time of one training step")
     p.add_argument("--markdown", default=None, metavar="OUT.md", help="also write the table here")
     args = p.parse_args()
+    args.measure = set(args.measure.split(","))
+    if not args.measure or not args.measure <= {"train", "forward", "sample", "memory"}:
+        p.error(f"--measure takes some of train, forward, sample, memory; got {','.join(sorted(args.measure))!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda was asked for, but torch sees no CUDA GPU")
     if args.dtype == "fp16" and args.device == "cpu":
@@ -283,22 +289,26 @@ def main() -> None:
     for model in plain.values():
         model.train()
     turns = dict(repeats=args.repeats, warmup=args.warmup, device=device, clock=clock)
-    train_times = take_turns({n: lambda n=n: train_step(n) for n in NAMES}, **turns)
-    print("training timed", flush=True)
+    train_times = forward_times = sample_times = train_memory = held = forward_memory = None
+    if "train" in args.measure:
+        train_times = take_turns({n: lambda n=n: train_step(n) for n in NAMES}, **turns)
+        print("training timed", flush=True)
     for model in plain.values():
         model.eval()
-    forward_times = take_turns({n: lambda n=n: denoise(n) for n in NAMES}, **turns)
-    print("denoising forwards timed", flush=True)
-    sample_times = take_turns({n: lambda n=n: sample(n) for n in NAMES}, **turns)
-    print("sampling timed", flush=True)
-
-    for model in plain.values():
-        model.train()
-    train_memory = {n: peak_memory_mib(lambda n=n: train_step(n), device) for n in NAMES}
-    held = {n: held_for_backward_mib(lambda n=n: train_loss(n), device) for n in NAMES}
-    for model in plain.values():
-        model.eval()
-    forward_memory = {n: peak_memory_mib(lambda n=n: denoise(n), device) for n in NAMES}
+    if "forward" in args.measure:
+        forward_times = take_turns({n: lambda n=n: denoise(n) for n in NAMES}, **turns)
+        print("denoising forwards timed", flush=True)
+    if "sample" in args.measure:
+        sample_times = take_turns({n: lambda n=n: sample(n) for n in NAMES}, **turns)
+        print("sampling timed", flush=True)
+    if "memory" in args.measure:
+        for model in plain.values():
+            model.train()
+        train_memory = {n: peak_memory_mib(lambda n=n: train_step(n), device) for n in NAMES}
+        held = {n: held_for_backward_mib(lambda n=n: train_loss(n), device) for n in NAMES}
+        for model in plain.values():
+            model.eval()
+        forward_memory = {n: peak_memory_mib(lambda n=n: denoise(n), device) for n in NAMES}
     forward_flops, train_flops = flops_per_image(config)
 
     # -------------------------------------------------------------------------
@@ -321,27 +331,36 @@ def main() -> None:
         ratio = values["ddpm"] / values["diffusers"] if values["diffusers"] else float("nan")
         return f"| {label} | {values['ddpm']:{fmt}} | {values['diffusers']:{fmt}} | {ratio:.2f}x (lower is better) | |"
 
-    train_rates = {n: rate(train_times[n], batch * args.train_steps) for n in NAMES}
     memory_kind = "CUDA allocated" if device.type == "cuda" else "RSS"
     second = "CPU-s" if args.clock == "cpu" else "s"
     lines = [
         f"| {args.config}, batch {batch}, {args.dtype}, {device_name(device)} | ddpm | diffusers | "
         "ddpm / diffusers | min-max (ddpm, diffusers) |",
         "|---|---|---|---|---|",
-        row(f"training, images/{second}", train_rates, ".2f", True),
-        row(f"denoising forward, steps/{second}", {n: rate(forward_times[n], args.forward_steps) for n in NAMES},
-            ".2f", True),
-        row(f"generate() / DDPMPipeline, {args.sample_steps} steps, {second}", sample_times, ".2f", False),
-        single(f"training step, peak {memory_kind} increase, MiB", train_memory, ".0f"),
-        single(f"denoising forward, peak {memory_kind} increase, MiB", forward_memory, ".0f"),
-        single(f"activations held from forward to backward, {memory_kind}, MiB", held, ".0f"),
     ]
-    achieved = {n: [train_flops * r / 1e12 for r in train_rates[n]] for n in NAMES}
-    lines.append(row(f"training, achieved TFLOP/{second}", achieved, ".4f" if device.type == "cpu" else ".1f", True))
+    if train_times:
+        train_rates = {n: rate(train_times[n], batch * args.train_steps) for n in NAMES}
+        lines.append(row(f"training, images/{second}", train_rates, ".2f", True))
+    if forward_times:
+        lines.append(row(f"denoising forward, steps/{second}",
+                         {n: rate(forward_times[n], args.forward_steps) for n in NAMES}, ".2f", True))
+    if sample_times:
+        lines.append(row(f"generate() / DDPMPipeline, {args.sample_steps} steps, {second}", sample_times, ".2f",
+                         False))
+    if train_memory:
+        lines += [
+            single(f"training step, peak {memory_kind} increase, MiB", train_memory, ".0f"),
+            single(f"denoising forward, peak {memory_kind} increase, MiB", forward_memory, ".0f"),
+            single(f"activations held from forward to backward, {memory_kind}, MiB", held, ".0f"),
+        ]
     peak = args.peak_tflops or (H100_SXM_BF16_TFLOPS if device.type == "cuda" else None)
-    if peak is not None:
-        mfu = {n: [100 * a / peak for a in achieved[n]] for n in NAMES}
-        lines.append(row(f"training, MFU % of {peak:g} TFLOP/s", mfu, ".1f", True))
+    if train_times:
+        achieved = {n: [train_flops * r / 1e12 for r in train_rates[n]] for n in NAMES}
+        lines.append(row(f"training, achieved TFLOP/{second}", achieved, ".4f" if device.type == "cpu" else ".1f",
+                         True))
+        if peak is not None:
+            mfu = {n: [100 * a / peak for a in achieved[n]] for n in NAMES}
+            lines.append(row(f"training, MFU % of {peak:g} TFLOP/s", mfu, ".1f", True))
 
     options = [name for name in ("compile", "channels_last", "gradient_checkpointing") if getattr(args, name)]
     notes = [

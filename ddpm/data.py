@@ -7,17 +7,22 @@ the built-in "shapes" dataset, which the package draws itself so a first run nee
 import contextlib
 import io
 import math
+import os
 import random
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import datasets
 import numpy as np
 import torch
 from huggingface_hub import constants as hub_constants
 from huggingface_hub.utils import get_session
 from PIL import Image, ImageDraw
 from torchvision import transforms
+from tqdm.auto import tqdm
+
+# `datasets` is imported only where a Hub dataset is loaded: it is slow to import, and a run on local or
+# built-in images does not need it installed.
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
@@ -71,7 +76,9 @@ class FolderSource(ImageSource):
 
 
 class HubSource(ImageSource):
-    def __init__(self, name: str, rows: datasets.Dataset):
+    def __init__(self, name: str, rows: "datasets.Dataset"):
+        import datasets
+
         columns = [c for c, feature in rows.features.items() if isinstance(feature, datasets.Image)]
         if not columns:
             seen = ", ".join(f"{c} ({type(f).__name__})" for c, f in rows.features.items())
@@ -154,6 +161,8 @@ def _hub_reachable() -> bool:
 
 @contextlib.contextmanager
 def _offline_mode():
+    import datasets
+
     # Both libraries read HF_HUB_OFFLINE once at import, so offline mode is switched through their constants.
     saved = hub_constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
     hub_constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
@@ -181,6 +190,8 @@ def load_images(
         return make_builtin_source(resolution, seed, builtin_size)
     # Without network the Hub client retries for ~25 s before it fails. One quick request tells us first; if the
     # Hub is out of reach we load in offline mode, so a cached dataset still loads and any other fails at once.
+    import datasets
+
     offline = hub_constants.HF_HUB_OFFLINE or not _hub_reachable()
     try:
         with _offline_mode() if offline else contextlib.nullcontext():
@@ -212,26 +223,39 @@ def to_mode(image: Image.Image, mode: str) -> Image.Image:
     return image.convert(mode)
 
 
+# Datasets whose resized images fit in this many bytes are decoded once and kept in memory (per process).
+CACHE_BYTES = 2 * 2**30
+
+
 class TrainingImages(torch.utils.data.Dataset):
     """Images as (channels, resolution, resolution) tensors in [-1, 1], augmented as diffusers' train_unconditional.py.
 
     Indexed by keys (index, sample_seed) from EpochSampler: the random crop and flip of a key never change.
+
+    Each image is first decoded: converted to L or RGB and resized (shorter side = resolution), as uint8. With
+    cache_bytes > 0 and a dataset that fits, all images are decoded once, up front, and kept in memory; otherwise
+    each is decoded when drawn. The crop, flip and scaling then run on the uint8 tensor, the same ops torchvision
+    applies to a PIL image, so caching changes no pixel.
     """
 
-    def __init__(self, source: ImageSource, resolution: int, channels: int, center_crop: bool, random_flip: bool):
+    def __init__(self, source: ImageSource, resolution: int, channels: int, center_crop: bool, random_flip: bool,
+                 cache_bytes: int = 0, progress: bool = False):
         if channels not in (1, 3):
             raise DataError(f"images can have 1 (grey) or 3 (RGB) channels, got {channels}")
         self.source, self.mode = source, "L" if channels == 1 else "RGB"
-        self.transform = transforms.Compose(
+        self.resize = transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR)
+        self.augment = transforms.Compose(
             [
-                transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
                 transforms.CenterCrop(resolution) if center_crop else transforms.RandomCrop(resolution),
                 *([transforms.RandomHorizontalFlip()] if random_flip else []),
-                transforms.ToTensor(),
+                transforms.ConvertImageDtype(torch.float32),  # uint8 -> [0, 1], exactly as ToTensor divides
                 transforms.Normalize([0.5], [0.5]),  # [0, 1] -> [-1, 1], the range DDPM's x_0 lives in
             ]
         )
         self.unreadable: set[int] = set()  # per process: each DataLoader worker warns once per bad file
+        self.cache: list[torch.Tensor | None] | None = None
+        if cache_bytes > 0 and len(source) * channels * resolution**2 <= cache_bytes:
+            self.cache = self._decode_all(cache_bytes, progress)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -245,20 +269,57 @@ class TrainingImages(torch.utils.data.Dataset):
         # restore, and so change the training noise when num_workers=0.
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(sample_seed)
-            return self.transform(image)
+            return self.augment(image)
 
-    def _read(self, index: int) -> Image.Image:
+    def _decode(self, i: int) -> torch.Tensor:
+        """Image i as uint8 (channels, height, width), shorter side = resolution; raises UNREADABLE errors."""
+        return transforms.functional.pil_to_tensor(self.resize(to_mode(self.source.get(i), self.mode)))
+
+    def _decode_or_none(self, i: int) -> torch.Tensor | None:
+        try:
+            return self._decode(i)
+        except UNREADABLE as e:
+            self._skip(i, e)
+            return None
+
+    def _skip(self, i: int, error: Exception) -> None:
+        self.unreadable.add(i)
+        warnings.warn(f"skipping unreadable image {self.source.describe(i)}: {error}", stacklevel=3)
+
+    def _decode_all(self, cache_bytes: int, progress: bool) -> list[torch.Tensor | None] | None:
+        """Every image decoded (None where unreadable), or None if they turn out larger than cache_bytes."""
+        images, total = [], 0
+        # PIL releases the GIL while it decodes and resizes, so threads decode in parallel
+        pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1))
+        try:
+            decoded = pool.map(self._decode_or_none, range(len(self.source)))
+            for image in tqdm(decoded, total=len(self.source), desc="decoding images into memory",
+                              disable=not progress, leave=False, delay=2):  # a bar only if it takes a while
+                total += 0 if image is None else image.numel()
+                if total > cache_bytes:  # wider than square: too large after all, so decode on demand
+                    return None
+                images.append(image)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        return images
+
+    def _read(self, index: int) -> torch.Tensor:
         # An unreadable image is replaced by the next readable one, so one bad file does not stop a long run.
         for step in range(len(self.source)):
             i = (index + step) % len(self.source)
             if i in self.unreadable:
                 continue
+            if self.cache is not None:
+                return self.cache[i]
             try:
-                return to_mode(self.source.get(i), self.mode)
+                return self._decode(i)
             except UNREADABLE as e:
-                self.unreadable.add(i)
-                warnings.warn(f"skipping unreadable image {self.source.describe(i)}: {e}", stacklevel=2)
+                self._skip(i, e)
         raise DataError(f"none of the images could be read ({self.source.description}); see the warnings above")
+
+    @property
+    def cached(self) -> bool:
+        return self.cache is not None
 
 
 class EpochSampler(torch.utils.data.Sampler):

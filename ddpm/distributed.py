@@ -17,6 +17,8 @@ class Context:
     local_rank: int
     world_size: int
     device: torch.device
+    # the group for host-side flags: gloo, so agreeing on one never waits for queued GPU work (None: the default)
+    cpu_group: object = None
 
     @property
     def is_main(self) -> bool:
@@ -43,7 +45,8 @@ def setup(device_name: str, timeout_s: float) -> Context:
     # a rank that stops answering makes every collective fail after timeout_s instead of hanging forever
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
                             device_id=device if backend == "nccl" else None)
-    return Context(rank, local_rank, world_size, device)
+    cpu_group = dist.new_group(backend="gloo") if backend == "nccl" else None
+    return Context(rank, local_rank, world_size, device, cpu_group)
 
 
 def barrier(ctx: Context) -> None:
@@ -55,8 +58,8 @@ def any_rank(ctx: Context, flag: bool) -> bool:
     """True on every rank if `flag` is true on any rank (e.g. a stop signal that reached only some)."""
     if not ctx.is_distributed:
         return flag
-    tensor = torch.tensor([int(flag)], device=ctx.device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    tensor = torch.tensor([int(flag)])  # a CPU tensor over gloo: no host-device synchronisation
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=ctx.cpu_group)
     return bool(tensor.item())
 
 

@@ -194,7 +194,9 @@ def test_hub_dataset_offline_raises_data_error_quickly():
 
 def test_hub_dataset_fails_quickly_without_network_even_if_offline_mode_is_not_set(monkeypatch):
     monkeypatch.setattr(data.hub_constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(data.datasets.config, "HF_HUB_OFFLINE", False)
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     start = time.perf_counter()
     with pytest.raises(DataError, match="ddpm-tests/no-such-dataset"):
         load_images("ddpm-tests/no-such-dataset", None, None, None, 16, 0)
@@ -283,3 +285,70 @@ def test_dataloader_batches_do_not_depend_on_the_number_of_workers():
         return list(torch.utils.data.DataLoader(dataset, batch_size=4, sampler=sampler, num_workers=num_workers))
 
     assert all(torch.equal(a, b) for a, b in zip(batches(0), batches(2), strict=True))
+
+
+# Decoded images kept in memory (cache_bytes): the same tensors as decoding each time
+
+
+def torchvision_pil_pipeline(resolution, center_crop, random_flip):
+    """diffusers' train_unconditional.py augmentation on PIL images: what TrainingImages must reproduce."""
+    from torchvision import transforms
+
+    return transforms.Compose([
+        transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
+        transforms.CenterCrop(resolution) if center_crop else transforms.RandomCrop(resolution),
+        *([transforms.RandomHorizontalFlip()] if random_flip else []),
+        transforms.ToTensor(),
+        transforms.Normalize([0.5], [0.5]),
+    ])
+
+
+@pytest.mark.parametrize("channels, center_crop, random_flip", [(3, False, True), (1, True, False), (3, True, True)])
+def test_cached_and_uncached_images_equal_torchvisions_pil_pipeline(channels, center_crop, random_flip):
+    images = noise_images(5, size=(40, 30)) + noise_images(2, size=(17, 50), seed=1)
+    cached = TrainingImages(ListSource(images), 16, channels, center_crop, random_flip, cache_bytes=2**20)
+    uncached = TrainingImages(ListSource(images), 16, channels, center_crop, random_flip)
+    assert cached.cached and not uncached.cached
+    reference = torchvision_pil_pipeline(16, center_crop, random_flip)
+    for index, seed in [(0, 0), (1, 5), (4, 77), (5, 3), (6, 2**40), (2, 11)]:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            expected = reference(images[index].convert("L" if channels == 1 else "RGB"))
+        assert torch.equal(cached[(index, seed)], expected)
+        assert torch.equal(uncached[(index, seed)], expected)
+
+
+def test_cache_is_not_modified_by_augmentation():
+    dataset = TrainingImages(ListSource(noise_images(1)), 16, 3, center_crop=False, random_flip=True, cache_bytes=2**20)
+    before = dataset.cache[0].clone()
+    for seed in range(10):
+        dataset[(0, seed)]
+    assert torch.equal(dataset.cache[0], before)
+
+
+def test_images_larger_than_the_cache_budget_are_decoded_on_demand():
+    square = noise_images(4, size=(16, 16))
+    assert not TrainingImages(ListSource(square), 16, 3, False, False, cache_bytes=4 * 3 * 16 * 16 - 1).cached
+    assert TrainingImages(ListSource(square), 16, 3, False, False, cache_bytes=4 * 3 * 16 * 16).cached
+    # wide images pass the square estimate but not the count of what was decoded
+    wide = noise_images(4, size=(64, 16))
+    dataset = TrainingImages(ListSource(wide), 16, 3, False, False, cache_bytes=4 * 3 * 16 * 16)
+    assert not dataset.cached and dataset[(3, 0)].shape == (3, 16, 16)
+
+
+def test_corrupt_file_in_a_cached_folder_is_skipped_with_a_warning(tmp_path):
+    write_pngs(tmp_path, 3)
+    (tmp_path / "1.png").write_bytes(b"not a png")
+    with pytest.warns(UserWarning, match="1.png"):
+        dataset = TrainingImages(load_images(None, None, str(tmp_path), None, 16, 0), 16, 3, False, False,
+                                 cache_bytes=2**20)
+    assert dataset.cached and torch.equal(dataset[(1, 0)], dataset[(2, 0)])
+
+
+def test_datasets_is_imported_only_for_a_hub_dataset():
+    import subprocess
+    import sys
+
+    code = ("import sys, ddpm.data; s = ddpm.data.load_images(None, None, None, None, 16, 0, 8); "
+            "assert 'datasets' not in sys.modules, 'datasets was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -563,3 +563,26 @@ def test_an_image_folder_replaces_the_presets_hub_dataset(tmp_path):
     args = train.parse_args(["--preset", "butterflies-128", "--train_data_dir", str(tmp_path), "--resolution", "64"])
     assert args.dataset_name is None and args.train_data_dir == str(tmp_path)
     assert args.model_config["sample_size"] == 64
+
+
+def test_builtin_data_replaces_the_presets_hub_dataset(tmp_path):
+    args = train.parse_args(["--preset", "cifar10-32", "--builtin_data"])
+    assert args.dataset_name is None and args.train_data_dir is None
+    assert args.model_config["block_out_channels"] == [128, 256, 256, 256]
+
+
+@pytest.mark.parametrize("other", [["--dataset_name", "cifar10"], ["--train_data_dir", "images"]])
+def test_builtin_data_with_another_dataset_is_a_one_line_error(other, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--builtin_data", *other])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.endswith(f"error: --builtin_data and {other[0]} name two datasets; pass one")
+
+
+def test_training_on_cached_and_streamed_images_is_identical(tmp_path):
+    options = dict(train_data_dir=image_folder(tmp_path / "images", 8), max_train_steps=3, random_flip=True)
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    cached = run(tmp_path / "a", **options)
+    streamed = run(tmp_path / "b", cache_images=False, **options)
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    assert_same_tensors(load_file(cached / weights), load_file(streamed / weights))
