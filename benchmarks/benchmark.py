@@ -58,7 +58,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--train_steps", type=int, default=1, help="training steps per timed call")
     p.add_argument("--forward_steps", type=int, default=2, help="denoising forwards per timed call")
     p.add_argument("--sample_steps", type=int, default=5, help="num_inference_steps of generate() / DDPMPipeline")
-    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--compile", nargs="?", const="both", default=None, choices=["both", "ddpm"],
+                   help="torch.compile both models, or (--compile ddpm) only ddpm's, to compare it with eager diffusers")
     p.add_argument("--channels_last", action="store_true", help="channels_last weights and inputs for both")
     p.add_argument("--gradient_checkpointing", action="store_true", help="enable it in both models")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
@@ -232,7 +233,7 @@ def main() -> None:
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     forward = {
         "ddpm": torch.compile(ours) if args.compile else ours,
-        "diffusers": torch.compile(theirs) if args.compile else theirs,
+        "diffusers": torch.compile(theirs) if args.compile == "both" else theirs,
     }
     plain = {"ddpm": ours, "diffusers": theirs}
 
@@ -362,11 +363,13 @@ def main() -> None:
             mfu = {n: [100 * a / peak for a in achieved[n]] for n in NAMES}
             lines.append(row(f"training, MFU % of {peak:g} TFLOP/s", mfu, ".1f", True))
 
-    options = [name for name in ("compile", "channels_last", "gradient_checkpointing") if getattr(args, name)]
+    options = [name for name in ("channels_last", "gradient_checkpointing") if getattr(args, name)]
+    if args.compile:
+        options.append("compile" if args.compile == "both" else "compile (ddpm only; diffusers eager)")
     notes = [
         f"- {parameters:,} parameters; forward {forward_flops / 1e9:.2f} GFLOP/image, training step "
         f"(forward + backward) {train_flops / 1e9:.2f} GFLOP/image (FlopCounterMode, ddpm's UNet)",
-        f"- options, applied to both models: {', '.join(options) or 'none'}"
+        f"- options, applied to both models unless said: {', '.join(options) or 'none'}"
         f"{'; autocast ' + args.dtype if dtype is not None else ''}",
         f"- medians of {args.repeats} alternating rounds after {args.warmup} warm-up; ratio = median of per-round "
         f"ratios; {args.train_steps} training step(s) and {args.forward_steps} forward(s) per timed call; "
