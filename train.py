@@ -54,10 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     add = p.add_argument
     add("--preset", default="quickstart", choices=sorted(PRESETS),
         help="a named recipe; flags given explicitly override its values (defaults shown are quickstart's)")
-    add("--dataset_name", default=None, help="Hugging Face Hub dataset; neither this nor --train_data_dir: built-in shapes")
+    add("--dataset_name", default=None,
+        help="Hugging Face Hub dataset; neither this nor --train_data_dir: built-in shapes")
     add("--dataset_config_name", default=None, help="the Hub dataset's config name")
     add("--train_data_dir", default=None, help="a local folder of images")
-    add("--builtin_data", action="store_true", help="the built-in shapes dataset, also with a preset that names another")
+    add("--builtin_data", action="store_true",
+        help="the built-in shapes dataset, also with a preset that names another")
     add("--cache_dir", default=None, help="where datasets caches Hub downloads")
     add("--output_dir", default="ddpm-output", help="pipeline folder, samples/, logs/ and checkpoints")
     add("--resolution", type=int, default=None, help="image size; must be divisible by 2^(levels-1)")
@@ -100,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--model_config_name_or_path", default=None, help="a UNet config.json (or a folder holding one)")
     add("--gradient_checkpointing", action="store_true",
         help="recompute each UNet block in the backward pass: ~90%% less activation memory, ~+27%% step time")
-    add("--channels_last", action="store_true", help="channels_last weights and images (measured 35%% slower for the tutorial UNet on an H100, eager bf16)")
+    add("--channels_last", action="store_true",
+        help="channels_last weights and images (measured 35%% slower for the tutorial UNet on an H100, eager bf16)")
     add("--compile", action="store_true", help="torch.compile the UNet for training (the first steps compile)")
     add("--seed", type=int, default=0, help="seeds weights, data order, noise and sample grids")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -317,7 +320,8 @@ def main(argv=None) -> None:
         signal.signal(signum, lambda s, frame: stop_requested.append(s))
 
     writer = SummaryWriter(str(output_dir / args.logging_dir)) if ctx.is_main else None
-    log_main(ctx, f"{source.description}{' (decoded, in memory)' if dataset.cached else ''}; {sum(p.numel() for p in unet.parameters()):,} UNet parameters; "
+    in_memory = " (decoded, in memory)" if dataset.cached else ""
+    log_main(ctx, f"{source.description}{in_memory}; {sum(p.numel() for p in unet.parameters()):,} UNet parameters; "
                   f"global batch {args.train_batch_size} x {ctx.world_size} processes x "
                   f"{args.gradient_accumulation_steps} accumulation = "
                   f"{args.train_batch_size * ctx.world_size * args.gradient_accumulation_steps}; "

@@ -59,7 +59,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--forward_steps", type=int, default=2, help="denoising forwards per timed call")
     p.add_argument("--sample_steps", type=int, default=5, help="num_inference_steps of generate() / DDPMPipeline")
     p.add_argument("--compile", nargs="?", const="both", default=None, choices=["both", "ddpm"],
-                   help="torch.compile both models, or (--compile ddpm) only ddpm's, to compare it with eager diffusers")
+                   help="torch.compile both models, or (--compile ddpm) only ddpm's, to compare it with eager "
+                        "diffusers")
     p.add_argument("--channels_last", action="store_true", help="channels_last weights and inputs for both")
     p.add_argument("--gradient_checkpointing", action="store_true", help="enable it in both models")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
@@ -231,14 +232,17 @@ def main() -> None:
     ours, theirs, difference = build_models(config, device, args)
     parameters = sum(p.numel() for p in ours.parameters())
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    forward = {
-        "ddpm": torch.compile(ours) if args.compile else ours,
-        "diffusers": torch.compile(theirs) if args.compile == "both" else theirs,
-    }
+    compiled = {"ddpm": bool(args.compile), "diffusers": args.compile == "both"}
+    # training runs the compiled module; sampling a second one compiled with freezing (weights as
+    # constants, as sample.py --compile does), which only inference allows
+    train_forward = {name: torch.compile(model) if compiled[name] else model
+                     for name, model in (("ddpm", ours), ("diffusers", theirs))}
+    forward = {name: torch.compile(model, options={"freezing": True}) if compiled[name] else model
+               for name, model in (("ddpm", ours), ("diffusers", theirs))}
     plain = {"ddpm": ours, "diffusers": theirs}
 
     def predict(name: str, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out = forward[name](x, t)
+        out = (train_forward if torch.is_grad_enabled() else forward)[name](x, t)
         return out if name == "ddpm" else out.sample
 
     generator = torch.Generator().manual_seed(1)

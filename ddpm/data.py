@@ -12,6 +12,7 @@ import random
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +24,8 @@ from tqdm.auto import tqdm
 
 # `datasets` is imported only where a Hub dataset is loaded: it is slow to import, and a run on local or
 # built-in images does not need it installed.
+if TYPE_CHECKING:
+    import datasets
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
@@ -62,7 +65,8 @@ class FolderSource(ImageSource):
         # Sorted, so every rank and every resumed run maps index i to the same file.
         self.files = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         if not self.files:
-            raise DataError(f"no images in --train_data_dir {root!r}; looked recursively for {', '.join(IMAGE_EXTENSIONS)}")
+            raise DataError(f"no images in --train_data_dir {root!r}; looked recursively for "
+                            f"{', '.join(IMAGE_EXTENSIONS)}")
         self.description = f"imagefolder {root}: {len(self.files)} images"
 
     def __len__(self) -> int:
@@ -82,9 +86,11 @@ class HubSource(ImageSource):
         columns = [c for c, feature in rows.features.items() if isinstance(feature, datasets.Image)]
         if not columns:
             seen = ", ".join(f"{c} ({type(f).__name__})" for c, f in rows.features.items())
-            raise DataError(f"dataset {name!r} has no image column (columns: {seen}); pick a dataset with a datasets.Image feature")
+            raise DataError(f"dataset {name!r} has no image column (columns: {seen}); pick a dataset with a "
+                            "datasets.Image feature")
         self.name, self.column = name, "image" if "image" in columns else columns[0]
-        # Undecoded rows are {"bytes", "path"}: we decode with PIL ourselves, so a bad row is skipped with its file name.
+        # Undecoded rows are {"bytes", "path"}: we decode with PIL ourselves, so a bad row is skipped with its
+        # file name.
         self.rows = rows.select_columns([self.column]).cast_column(self.column, datasets.Image(decode=False))
         if len(self.rows) == 0:
             raise DataError(f"dataset {name!r} has no rows in its train split; pick a dataset with images")
@@ -183,7 +189,8 @@ def load_images(
 ) -> ImageSource:
     """The images to train on: a Hub dataset, a local folder, or (given neither) the built-in shapes."""
     if dataset_name and train_data_dir:
-        raise DataError(f"got both --dataset_name {dataset_name!r} and --train_data_dir {train_data_dir!r}; pass only one")
+        raise DataError(f"got both --dataset_name {dataset_name!r} and --train_data_dir {train_data_dir!r}; "
+                        "pass only one")
     if train_data_dir:
         return FolderSource(train_data_dir)
     if not dataset_name:

@@ -352,3 +352,17 @@ def test_datasets_is_imported_only_for_a_hub_dataset():
     code = ("import sys, ddpm.data; s = ddpm.data.load_images(None, None, None, None, 16, 0, 8); "
             "assert 'datasets' not in sys.modules, 'datasets was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_hub_dataset_decodes_into_memory_as_when_streamed(tmp_path):
+    import datasets
+
+    write_pngs(tmp_path / "pngs", 12)
+    paths = [str(tmp_path / "pngs" / f"{i}.png") for i in range(12)]
+    write_parquet_dataset(tmp_path / "ds", {"image": datasets.Image()}, {"image": paths})
+    source = load_images(str(tmp_path / "ds"), None, None, None, 16, 0)
+    cached = TrainingImages(source, 16, 3, False, True, cache_bytes=2**20)
+    streamed = TrainingImages(source, 16, 3, False, True)
+    assert cached.cached
+    for i in range(12):
+        assert torch.equal(cached[(i, i)], streamed[(i, i)])

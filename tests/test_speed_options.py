@@ -155,3 +155,13 @@ def test_generate_with_a_compiled_unet_draws_the_same_images():
     compiled = torch.compile(unet, backend="aot_eager")
     actual = generate(compiled, DDPMScheduler(), 2, torch.Generator().manual_seed(0), num_inference_steps=3)
     assert (actual - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.skipif(not RUN_INDUCTOR, reason="a cold inductor C++ build of the tiny UNet takes ~130 s on a 2-core "
+                                             "CPU; set DDPM_TEST_INDUCTOR=1 to run it")
+def test_generate_with_a_frozen_inductor_unet_as_sample_py_compiles_it_draws_the_same_images():
+    unet = tiny_unet().eval()
+    expected = generate(unet, DDPMScheduler(), 2, torch.Generator().manual_seed(0), num_inference_steps=3)
+    compiled = torch.compile(unet, options={"freezing": True})  # sample.py --compile
+    actual = generate(compiled, DDPMScheduler(), 2, torch.Generator().manual_seed(0), num_inference_steps=3)
+    assert (actual - expected).abs().max().item() <= 1e-5
