@@ -586,3 +586,11 @@ def test_training_on_cached_and_streamed_images_is_identical(tmp_path):
     streamed = run(tmp_path / "b", cache_images=False, **options)
     weights = "unet/diffusion_pytorch_model.safetensors"
     assert_same_tensors(load_file(cached / weights), load_file(streamed / weights))
+
+
+def test_fp16_on_the_cpu_warns_that_it_is_slow(capsys):
+    train.parse_args(["--preset", "butterflies-128", "--device", "cpu"])  # the preset trains in fp16
+    assert "warning: --mixed_precision fp16 (preset butterflies-128) on the CPU is about 80x slower" in \
+        capsys.readouterr().err
+    train.parse_args(["--device", "cpu", "--mixed_precision", "bf16"])
+    assert "warning" not in capsys.readouterr().err
