@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from ddpm import DDPMScheduler, UNet2DModel, generate, save_pipeline
 from ddpm import distributed
 from ddpm.checkpoint import (CheckpointError, capture_rng_state, list_checkpoints, load_checkpoint,
-                             restore_rng_state, save_checkpoint)
+                             restore_rng_state, save_checkpoint, set_aside_checkpoints_after)
 from ddpm.data import CACHE_BYTES, DataError, EpochSampler, TrainingImages, load_images
 from ddpm.ema import EMA
 from ddpm.loss import diffusion_loss
@@ -281,8 +281,8 @@ def main(argv=None) -> None:
     elif args.resume_from_checkpoint:
         resume_path = Path(args.resume_from_checkpoint)
     elif list_checkpoints(output_dir):
-        log_main(ctx, f"warning: {output_dir} holds checkpoints of an earlier run; this run starts anew and "
-                      "overwrites them as it goes (--resume_from_checkpoint latest continues that run instead)")
+        log_main(ctx, f"warning: {output_dir} holds checkpoints of an earlier run; this run starts anew "
+                      "(--resume_from_checkpoint latest continues that run instead)")
     if resume_path is not None:
         try:
             checkpoint = load_checkpoint(resume_path, ctx.rank)
@@ -316,6 +316,15 @@ def main(argv=None) -> None:
         fail(f"the processes would resume from different steps (this one: step {step}, from "
              f"{str(resume_path) if resume_path else 'no checkpoint'}); every node must see the same checkpoint, "
              "e.g. --output_dir on a shared filesystem")
+
+    # Checkpoints after the step this run starts from belong to the run it replaces: renamed, never deleted, so
+    # that a later `--resume_from_checkpoint latest` cannot continue that one instead of this one
+    if ctx.is_main:
+        moved = set_aside_checkpoints_after(output_dir, step)
+        if moved:
+            log_main(ctx, f"set aside {len(moved)} checkpoint(s) of the run this one replaces, after step {step}: "
+                          f"{', '.join(path.name for path in moved)}")
+    distributed.barrier(ctx)
 
     # Logging, sampling and saving (rank 0 writes everything)
 

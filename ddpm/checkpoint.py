@@ -99,6 +99,24 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
+def set_aside_checkpoints_after(output_dir: Path, step: int) -> list[Path]:
+    """Rename checkpoint-N for every N > step to abandoned-checkpoint-N, and return the new paths.
+
+    They belong to a run that this one replaces (a new run, or a resume from an earlier checkpoint), so a
+    later `--resume_from_checkpoint latest` must not pick them up. Nothing is deleted.
+    """
+    moved = []
+    for path in list_checkpoints(output_dir):
+        if int(CHECKPOINT_NAME.match(path.name)[1]) <= step:
+            continue
+        target, copy = path.with_name(f"abandoned-{path.name}"), 1
+        while target.exists():  # set aside before, by an earlier restart
+            target, copy = path.with_name(f"abandoned-{path.name}-{copy}"), copy + 1
+        os.replace(path, target)
+        moved.append(target)
+    return moved
+
+
 def load_checkpoint(path: Path, rank: int) -> dict[str, Any]:
     """Read a checkpoint folder: model, ema, optimizer, state and this rank's RNG state."""
     if not (path / "state.json").is_file():

@@ -538,12 +538,26 @@ def test_a_run_saved_without_fp16_resumes_under_fp16(tmp_path):
 
 
 def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
+    for step in (8, 9):  # newer than the one being written
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    ddpm.checkpoint.save_checkpoint(tmp_path, 4, {"w": torch.zeros(1)}, None, {}, [({"r": torch.zeros(1)}, {})], {},
+                                    total_limit=2)
+    assert [path.name for path in list_checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-9"]
+
+
+def test_resuming_from_an_earlier_checkpoint_sets_the_newer_ones_aside(tmp_path, capsys):
     out = run(tmp_path, max_train_steps=4, checkpointing_steps=1, checkpoints_total_limit=2)
-    for abandoned in ("checkpoint-8", "checkpoint-9"):  # newer checkpoints of a run that is being redone
-        shutil.copytree(out / "checkpoint-4", out / abandoned)
+    for newer in ("checkpoint-8", "checkpoint-9"):  # newer checkpoints of the run that is being redone
+        shutil.copytree(out / "checkpoint-4", out / newer)
     run(tmp_path, max_train_steps=4, checkpointing_steps=1, checkpoints_total_limit=2,
         resume_from_checkpoint=str(out / "checkpoint-3"), output_dir=out)
-    assert [path.name for path in list_checkpoints(out)] == ["checkpoint-4", "checkpoint-9"]
+    assert "set aside 3 checkpoint(s) of the run this one replaces, after step 3" in capsys.readouterr().out
+    assert [path.name for path in list_checkpoints(out)] == ["checkpoint-3", "checkpoint-4"]
+    assert sorted(path.name for path in out.glob("abandoned-*")) == [
+        "abandoned-checkpoint-4", "abandoned-checkpoint-8", "abandoned-checkpoint-9"]
+    # a later `latest` continues this run, not the abandoned one at step 9
+    run(tmp_path, max_train_steps=5, resume_from_checkpoint="latest", output_dir=out)
+    assert f"resumed from {out / 'checkpoint-4'} at step 4" in capsys.readouterr().out
 
 
 def test_every_preset_parses_with_a_mixed_precision_setting(tmp_path):
@@ -555,8 +569,14 @@ def test_every_preset_parses_with_a_mixed_precision_setting(tmp_path):
 def test_a_new_run_in_a_folder_with_checkpoints_warns_that_it_starts_anew(tmp_path, capsys):
     out = run(tmp_path, max_train_steps=2, checkpointing_steps=1)
     capsys.readouterr()
+    (out / "checkpoint-7").mkdir()  # stands for a longer earlier run
     run(tmp_path, max_train_steps=2, checkpointing_steps=1, output_dir=out)
-    assert "holds checkpoints of an earlier run" in capsys.readouterr().out
+    log = capsys.readouterr().out
+    assert "holds checkpoints of an earlier run" in log and "set aside 3 checkpoint(s)" in log
+    # the earlier run's checkpoints are kept under other names; `latest` now means this run's last
+    assert sorted(path.name for path in out.glob("abandoned-*")) == [
+        "abandoned-checkpoint-1", "abandoned-checkpoint-2", "abandoned-checkpoint-7"]
+    assert [path.name for path in list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
 
 
 def test_an_image_folder_replaces_the_presets_hub_dataset(tmp_path):
@@ -594,3 +614,14 @@ def test_fp16_on_the_cpu_warns_that_it_is_slow(capsys):
         capsys.readouterr().err
     train.parse_args(["--device", "cpu", "--mixed_precision", "bf16"])
     assert "warning" not in capsys.readouterr().err
+
+
+def test_a_checkpoint_set_aside_twice_keeps_both_copies(tmp_path):
+    for name in ("checkpoint-2", "checkpoint-9", "abandoned-checkpoint-9"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "origin").write_text(name)
+    moved = ddpm.checkpoint.set_aside_checkpoints_after(tmp_path, 2)
+    assert [path.name for path in moved] == ["abandoned-checkpoint-9-1"]
+    assert (tmp_path / "abandoned-checkpoint-9" / "origin").read_text() == "abandoned-checkpoint-9"
+    assert (tmp_path / "abandoned-checkpoint-9-1" / "origin").read_text() == "checkpoint-9"
+    assert [path.name for path in list_checkpoints(tmp_path)] == ["checkpoint-2"]
