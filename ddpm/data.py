@@ -286,12 +286,9 @@ class TrainingImages(torch.utils.data.Dataset):
         try:
             return self._decode(i)
         except UNREADABLE as e:
-            self._skip(i, e)
+            self.unreadable.add(i)
+            warnings.warn(f"skipping unreadable image {self.source.describe(i)}: {e}", stacklevel=3)
             return None
-
-    def _skip(self, i: int, error: Exception) -> None:
-        self.unreadable.add(i)
-        warnings.warn(f"skipping unreadable image {self.source.describe(i)}: {error}", stacklevel=3)
 
     def _decode_all(self, cache_bytes: int, progress: bool) -> list[torch.Tensor | None] | None:
         """Every image decoded (None where unreadable), or None if they turn out larger than cache_bytes."""
@@ -316,12 +313,9 @@ class TrainingImages(torch.utils.data.Dataset):
             i = (index + step) % len(self.source)
             if i in self.unreadable:
                 continue
-            if self.cache is not None:
-                return self.cache[i]
-            try:
-                return self._decode(i)
-            except UNREADABLE as e:
-                self._skip(i, e)
+            image = self.cache[i] if self.cache is not None else self._decode_or_none(i)
+            if image is not None:
+                return image
         raise DataError(f"none of the images could be read ({self.source.description}); see the warnings above")
 
     @property

@@ -79,14 +79,7 @@ FORWARD_CONFIGS = {
 }
 
 # Small enough that 1000 sampling steps take seconds.
-MICRO = dict(
-    sample_size=8,
-    block_out_channels=(8, 16),
-    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-    layers_per_block=1,
-    norm_num_groups=4,
-)
+MICRO = dict(TINY, block_out_channels=(8, 16), norm_num_groups=4)
 
 
 @pytest.fixture(autouse=True, scope="module")
