@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--logging_steps", type=int, default=10, help="log loss, lr and speed every N optimizer steps")
     add("--mixed_precision", default="no", choices=["no", "fp16", "bf16"], help="autocast dtype")
     add("--prediction_type", default="epsilon", choices=["epsilon", "sample", "v_prediction"])
+    add("--snr_gamma", type=float, default=None,
+        help="min-SNR-gamma loss weighting (Hang et al. 2023; 5 is the paper's choice); off when not given")
     add("--ddpm_num_steps", type=int, default=1000, help="T, the number of diffusion steps")
     add("--ddpm_num_inference_steps", type=int, default=None, help="denoising steps for sample grids")
     add("--ddpm_beta_schedule", default="linear", choices=["linear", "scaled_linear", "squaredcos_cap_v2"])
@@ -135,8 +137,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "save_images_epochs", "save_model_epochs", "gradient_accumulation_steps", "logging_steps",
                  "ddpm_num_steps", "ddpm_num_inference_steps", "checkpointing_steps", "checkpoints_total_limit"):
         positive(name)
-    for name in ("learning_rate", "adam_epsilon", "ema_inv_gamma", "ddp_timeout", "max_grad_norm"):
-        if not getattr(args, name) > 0:
+    for name in ("learning_rate", "adam_epsilon", "ema_inv_gamma", "ddp_timeout", "max_grad_norm", "snr_gamma"):
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
             parser.error(f"--{name} must be > 0, got {getattr(args, name)}")
     for name in ("dataloader_num_workers", "lr_warmup_steps", "adam_weight_decay"):
         if getattr(args, name) < 0:
@@ -408,7 +410,7 @@ def main(argv=None) -> None:
             sync = micro_step == args.gradient_accumulation_steps - 1
             with (nullcontext() if sync or not ctx.is_distributed else model.no_sync()):
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    loss = diffusion_loss(model, scheduler, x0, noise, timesteps)
+                    loss = diffusion_loss(model, scheduler, x0, noise, timesteps, args.snr_gamma)
                 scaler.scale(loss / args.gradient_accumulation_steps).backward()
             loss_sum += loss.detach() / args.gradient_accumulation_steps
             if not scaler.is_enabled():  # under fp16 an overflowing loss only makes GradScaler skip the step

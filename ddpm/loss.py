@@ -1,4 +1,5 @@
-"""The training objective: DDPM Algorithm 1 and L_simple (Eq. 14), with the x_0 and v targets."""
+"""The training objective: DDPM Algorithm 1 and L_simple (Eq. 14), with the x_0 and v targets, and the
+optional min-SNR-gamma weighting of Hang et al. 2023."""
 
 import torch
 import torch.nn.functional as F
@@ -18,12 +19,36 @@ def training_target(scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Ten
     return scheduler.get_velocity(x0, noise, timesteps)
 
 
+def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, snr_gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights, one per timestep (Hang et al. 2023, "Efficient Diffusion Training via
+    Min-SNR Weighting Strategy"; diffusers' --snr_gamma).
+
+    With SNR(t) = abar_t / (1 - abar_t), the x_0 loss is weighted by w_t = min(SNR(t), gamma). The same
+    weighting of the other targets, whose squared error is the x_0 error times SNR(t) (eps) or
+    SNR(t) + 1 (v), divides it by that factor:
+      x_0: min(SNR, gamma)    eps: min(SNR, gamma) / SNR = min(1, gamma / SNR)    v: min(SNR, gamma) / (SNR + 1)
+    The eps form is written min(1, gamma / SNR) so that SNR = 0 (a zero-terminal-SNR schedule) gives its limit, 1.
+    """
+    abar = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = abar / (1 - abar)
+    prediction_type = scheduler.config["prediction_type"]
+    if prediction_type == "epsilon":
+        return (snr_gamma / snr).clamp(max=1)
+    if prediction_type == "sample":
+        return snr.clamp(max=snr_gamma)
+    return snr.clamp(max=snr_gamma) / (snr + 1)
+
+
 def diffusion_loss(unet: nn.Module, scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor,
-                   timesteps: torch.Tensor) -> torch.Tensor:
+                   timesteps: torch.Tensor, snr_gamma: float | None = None) -> torch.Tensor:
     """Algorithm 1, lines 2-5, for a batch x0 with its noise eps and timesteps t drawn by the caller:
     L_simple = || eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t) ||^2   (Eq. 14),
-    averaged over pixels and batch. The MSE is taken in fp32 even under autocast."""
+    averaged over pixels and batch; with snr_gamma, each image's error is weighted by min_snr_weights first.
+    The MSE is taken in fp32 even under autocast."""
     noisy = scheduler.add_noise(x0, noise, timesteps)  # Eq. 4
     prediction = unet(noisy, timesteps)
     target = training_target(scheduler, x0, noise, timesteps)
-    return F.mse_loss(prediction.float(), target.float())
+    if snr_gamma is None:
+        return F.mse_loss(prediction.float(), target.float())
+    per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per_image * min_snr_weights(scheduler, timesteps, snr_gamma)).mean()

@@ -190,13 +190,26 @@ def test_gradient_of_two_accumulated_micro_batches_equals_the_gradient_of_one_ba
         torch.testing.assert_close(p.grad, expected, rtol=0, atol=1e-6)
 
 
+def test_train_py_weights_the_loss_by_min_snr_only_with_snr_gamma(tmp_path, monkeypatch):
+    gammas = []
+
+    def recording_loss(unet, scheduler, x0, noise, timesteps, snr_gamma=None):
+        gammas.append(snr_gamma)
+        return diffusion_loss(unet, scheduler, x0, noise, timesteps, snr_gamma)
+
+    monkeypatch.setattr(train, "diffusion_loss", recording_loss)
+    run(tmp_path, output_dir=tmp_path / "plain", max_train_steps=1)
+    run(tmp_path, output_dir=tmp_path / "weighted", max_train_steps=1, snr_gamma=5)
+    assert gammas == [None, 5.0]
+
+
 def test_train_py_accumulating_two_batches_of_4_takes_the_gradient_of_one_batch_of_8(tmp_path, monkeypatch):
-    def noise_from_pixels(unet, scheduler, x0, noise, timesteps):
+    def noise_from_pixels(unet, scheduler, x0, noise, timesteps, snr_gamma=None):
         # noise and timesteps as functions of each image, so both runs give each image the same ones
         # (train.py draws them per micro-batch, so a batch of 8 and two of 4 would draw different values)
         noise = torch.sin(97 * x0 + 1)
         timesteps = ((x0[:, 0, 0, 0] + 1) * 499).long()
-        return diffusion_loss(unet, scheduler, x0, noise, timesteps)
+        return diffusion_loss(unet, scheduler, x0, noise, timesteps, snr_gamma)
 
     monkeypatch.setattr(train, "diffusion_loss", noise_from_pixels)
     # no clipping: Adam's first step hardly depends on the gradient's scale, its moments do
@@ -444,6 +457,7 @@ BAD_INPUTS = {
     "zero_batch_size": lambda tmp: (dict(train_batch_size=0), "--train_batch_size must be >= 1, got 0"),
     "negative_batch_size": lambda tmp: (dict(train_batch_size=-2), "--train_batch_size must be >= 1, got -2"),
     "zero_learning_rate": lambda tmp: (dict(learning_rate=0), "--learning_rate must be > 0, got 0.0"),
+    "zero_snr_gamma": lambda tmp: (dict(snr_gamma=0), "--snr_gamma must be > 0, got 0.0"),
     "negative_warmup": lambda tmp: (dict(lr_warmup_steps=-1), "--lr_warmup_steps must be >= 0, got -1"),
     "unknown_lr_scheduler": lambda tmp: (dict(lr_scheduler="cosine_restarts"), "'cosine_restarts'"),
     "more_inference_steps_than_diffusion_steps": lambda tmp: (
