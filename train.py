@@ -227,7 +227,8 @@ def main(argv=None) -> None:
             raise DataError(f"the dataset holds no images ({source.description})")
         channels = args.model_config.get("in_channels", 3)
         dataset = TrainingImages(source, args.resolution, channels, args.center_crop, args.random_flip,
-                                 cache_bytes=CACHE_BYTES if args.cache_images else 0, progress=ctx.is_main)
+                                 cache_bytes=CACHE_BYTES if args.cache_images else 0, progress=ctx.is_main,
+                                 report=ctx.is_main)
         sampler = EpochSampler(len(dataset), args.seed, ctx.rank, ctx.world_size)
     except DataError as error:
         fail(str(error))
@@ -335,6 +336,7 @@ def main(argv=None) -> None:
 
     writer = SummaryWriter(str(output_dir / args.logging_dir)) if ctx.is_main else None
     in_memory = " (decoded, in memory)" if dataset.cached else ""
+    in_memory += f", {dataset.skipped} unreadable skipped" if dataset.skipped else ""
     log_main(ctx, f"{source.description}{in_memory}; {sum(p.numel() for p in unet.parameters()):,} UNet parameters; "
                   f"global batch {args.train_batch_size} x {ctx.world_size} processes x "
                   f"{args.gradient_accumulation_steps} accumulation = "
