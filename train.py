@@ -43,6 +43,7 @@ from ddpm.data import CACHE_BYTES, DataError, EpochSampler, TrainingImages, load
 from ddpm.ema import EMA
 from ddpm.loss import diffusion_loss
 from ddpm.lr_schedule import make_lr_scheduler
+from ddpm.model_card import write_model_card
 from ddpm.presets import PRESETS
 
 # Configuration: preset values, overridden by explicit flags.
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--ema_max_decay", type=float, default=0.9999)
     add("--logging_dir", default="logs", help="TensorBoard folder, inside output_dir")
     add("--logging_steps", type=int, default=10, help="log loss, lr and speed every N optimizer steps")
+    add("--hub_license", default="apache-2.0", help="license in the model card (output_dir/README.md), a Hub id")
     add("--mixed_precision", default="no", choices=["no", "fp16", "bf16"], help="autocast dtype")
     add("--prediction_type", default="epsilon", choices=["epsilon", "sample", "v_prediction"])
     add("--ddpm_num_steps", type=int, default=1000, help="T, the number of diffusion steps")
@@ -360,6 +362,12 @@ def main(argv=None) -> None:
         save_image(grid, output_dir / "samples" / f"{epoch_number:04d}.png")
         writer.add_image("samples", grid, step)
 
+    def save_pipeline_and_card(weights: torch.nn.Module) -> None:
+        """The pipeline folder and its model card."""
+        save_pipeline(output_dir, weights, scheduler)
+        write_model_card(output_dir, args, data=source.description, world_size=ctx.world_size, step=step,
+                         total_steps=total_steps, loss=logs.get("loss"))
+
     def write_checkpoint() -> None:
         rng_states = distributed.gather_to_main(ctx, capture_rng_state(noise_generator))
         if ctx.is_main:
@@ -399,6 +407,7 @@ def main(argv=None) -> None:
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     window_start, window_images, window_steps = time.perf_counter(), 0, 0
     completed_epochs = epochs_completed()
+    logs = {}  # the latest logged values; the model card shows the loss
     while step < total_steps:
         for micro_step in range(args.gradient_accumulation_steps):
             x0 = next_batch()
@@ -476,7 +485,7 @@ def main(argv=None) -> None:
             if save_images:
                 save_samples(weights, completed_epochs)
             if save_model:
-                save_pipeline(output_dir, weights, scheduler)
+                save_pipeline_and_card(weights)
 
     progress.close()
     if writer is not None:

@@ -541,6 +541,15 @@ def test_tensorboard_logs_loss_lr_grad_norm_and_throughput_each_logging_step(fin
         assert all(np.isfinite(event.value) for event in events.Scalars(tag)), tag
 
 
+def test_the_model_card_shows_the_last_logged_loss_and_the_folder_with_it_loads_in_diffusers(finished_run):
+    events = EventAccumulator(str(finished_run / "logs"))
+    events.Reload()
+    text = (finished_run / "README.md").read_text()
+    assert f"| training loss (last logged) | {events.Scalars('train/loss')[-1].value:.4g} |" in text.splitlines()
+    assert "![Samples after epoch 0](samples/0000.png)" in text
+    diffusers.DDPMPipeline.from_pretrained(finished_run)
+
+
 def test_resuming_with_another_seed_ends_with_an_error_naming_both_seeds(tmp_path):
     out = run(tmp_path, max_train_steps=2, checkpointing_steps=1)
     with pytest.raises(SystemExit, match="seed 0, this run has 7"):
