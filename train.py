@@ -36,7 +36,7 @@ from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
 from ddpm import DDPMScheduler, UNet2DModel, generate, save_pipeline
-from ddpm import distributed
+from ddpm import distributed, hub
 from ddpm.checkpoint import (CheckpointError, capture_rng_state, list_checkpoints, load_checkpoint,
                              restore_rng_state, save_checkpoint, set_aside_checkpoints_after)
 from ddpm.data import CACHE_BYTES, DataError, EpochSampler, TrainingImages, load_images
@@ -92,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--ema_max_decay", type=float, default=0.9999)
     add("--logging_dir", default="logs", help="TensorBoard folder, inside output_dir")
     add("--logging_steps", type=int, default=10, help="log loss, lr and speed every N optimizer steps")
+    add("--push_to_hub", action="store_true",
+        help="upload the pipeline, model card and sample grids to the Hugging Face Hub at each save (not checkpoints)")
+    add("--hub_model_id", default=None, help="the Hub repo, NAME or USER/NAME (default: output_dir's name, yours)")
+    add("--hub_token", default=None,
+        help="Hub token (default: HF_TOKEN or the saved `hf auth login`, which other users cannot see in `ps`)")
+    add("--hub_private_repo", action="store_true", help="create the Hub repo private")
     add("--hub_license", default="apache-2.0", help="license in the model card (output_dir/README.md), a Hub id")
     add("--mixed_precision", default="no", choices=["no", "fp16", "bf16"], help="autocast dtype")
     add("--prediction_type", default="epsilon", choices=["epsilon", "sample", "v_prediction"])
@@ -215,9 +221,17 @@ def fail(message: str) -> None:
 @record  # under torchrun, a failing rank's traceback goes into the launcher's error summary
 def main(argv=None) -> None:
     args = parse_args(argv)
+    run_config = {name: value for name, value in vars(args).items() if name != "hub_token"}  # never stored
     ctx = distributed.setup(args.device, args.ddp_timeout)
     device = ctx.device
     output_dir = Path(args.output_dir)
+    hub_repo = None
+    if args.push_to_hub and ctx.is_main:  # before anything is trained or written: the repo must be usable
+        try:
+            hub_repo = hub.connect(output_dir, args.hub_model_id, args.hub_token, args.hub_private_repo)
+        except hub.HubError as error:
+            fail(str(error))
+        log_main(ctx, f"pushing each pipeline save to {hub_repo.url}")
 
     # Data
 
@@ -363,10 +377,12 @@ def main(argv=None) -> None:
         writer.add_image("samples", grid, step)
 
     def save_pipeline_and_card(weights: torch.nn.Module) -> None:
-        """The pipeline folder and its model card."""
+        """The pipeline folder and its model card, uploaded with --push_to_hub."""
         save_pipeline(output_dir, weights, scheduler)
         write_model_card(output_dir, args, data=source.description, world_size=ctx.world_size, step=step,
-                         total_steps=total_steps, loss=logs.get("loss"))
+                         total_steps=total_steps, loss=logs.get("loss"), repo_id=hub_repo and hub_repo.repo_id)
+        if hub_repo is not None:
+            hub_repo.push(step)
 
     def write_checkpoint() -> None:
         rng_states = distributed.gather_to_main(ctx, capture_rng_state(noise_generator))
@@ -376,7 +392,7 @@ def main(argv=None) -> None:
                      "ema_step": ema.optimization_step if ema else None, "world_size": ctx.world_size,
                      "seed": args.seed, "train_batch_size": args.train_batch_size, "dataset_size": len(dataset),
                      "noise_seeds": [rank_seed("noise", args.seed, r) for r in range(ctx.world_size)],
-                     "args": vars(args)}
+                     "args": run_config}
             path = save_checkpoint(output_dir, step, unet.state_dict(), ema.state_dict() if ema else None,
                                    optimizer.state_dict(), rng_states, state, args.checkpoints_total_limit)
             tqdm.write(f"saved {path}")
@@ -490,6 +506,8 @@ def main(argv=None) -> None:
     progress.close()
     if writer is not None:
         writer.close()
+    if hub_repo is not None:
+        hub_repo.wait()
     distributed.barrier(ctx)
     distributed.cleanup(ctx)
 
