@@ -18,6 +18,7 @@ SIGTERM or SIGINT (preemption) finishes the current step, writes a checkpoint an
 
 import argparse
 import copy
+import importlib.util
 import json
 import math
 import random
@@ -31,7 +32,6 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
@@ -42,6 +42,7 @@ from ddpm.checkpoint import (CheckpointError, capture_rng_state, list_checkpoint
 from ddpm.data import CACHE_BYTES, DataError, EpochSampler, TrainingImages, load_images
 from ddpm.ema import EMA
 from ddpm.loss import diffusion_loss
+from ddpm.loggers import LoggerError, make_logger
 from ddpm.lr_schedule import make_lr_scheduler
 from ddpm.model_card import write_model_card
 from ddpm.presets import PRESETS
@@ -90,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--ema_inv_gamma", type=float, default=1.0)
     add("--ema_power", type=float, default=0.75)
     add("--ema_max_decay", type=float, default=0.9999)
-    add("--logging_dir", default="logs", help="TensorBoard folder, inside output_dir")
+    add("--logging_dir", default="logs", help="log folder, inside output_dir")
+    add("--logger", default="tensorboard", choices=["tensorboard", "wandb"],
+        help="where losses and sample grids go; wandb needs pip install -e '.[wandb]' (WANDB_MODE=offline: no network)")
     add("--logging_steps", type=int, default=10, help="log loss, lr and speed every N optimizer steps")
     add("--push_to_hub", action="store_true",
         help="upload the pipeline, model card and sample grids to the Hugging Face Hub at each save (not checkpoints)")
@@ -155,6 +158,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.ddpm_num_inference_steps > args.ddpm_num_steps:
         parser.error(f"--ddpm_num_inference_steps ({args.ddpm_num_inference_steps}) cannot exceed "
                      f"--ddpm_num_steps ({args.ddpm_num_steps})")
+    if args.logger == "wandb" and importlib.util.find_spec("wandb") is None:
+        parser.error("--logger wandb needs the wandb package, which is not installed: pip install -e '.[wandb]'")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was asked for, but torch sees no CUDA GPU")
     if args.device == "cpu" and args.mixed_precision == "fp16":
@@ -350,7 +355,10 @@ def main(argv=None) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda s, frame: stop_requested.append(s))
 
-    writer = SummaryWriter(str(output_dir / args.logging_dir)) if ctx.is_main else None
+    try:
+        logger = make_logger(args, run_config, resumed=resume_path is not None) if ctx.is_main else None
+    except LoggerError as error:
+        fail(str(error))
     in_memory = " (decoded, in memory)" if dataset.cached else ""
     in_memory += f", {dataset.skipped} unreadable skipped" if dataset.skipped else ""
     log_main(ctx, f"{source.description}{in_memory}; {sum(p.numel() for p in unet.parameters()):,} UNet parameters; "
@@ -374,7 +382,7 @@ def main(argv=None) -> None:
         grid = make_grid(images, nrow=math.ceil(math.sqrt(len(images))))
         (output_dir / "samples").mkdir(parents=True, exist_ok=True)
         save_image(grid, output_dir / "samples" / f"{epoch_number:04d}.png")
-        writer.add_image("samples", grid, step)
+        logger.log_image("samples", grid, step)
 
     def save_pipeline_and_card(weights: torch.nn.Module) -> None:
         """The pipeline folder and its model card, uploaded with --push_to_hub."""
@@ -482,8 +490,7 @@ def main(argv=None) -> None:
             if ema is not None:
                 logs["ema_decay"] = ema.decay or 0.0
             if ctx.is_main:
-                for name, value in logs.items():
-                    writer.add_scalar(f"train/{name}", value, step)
+                logger.log_scalars({f"train/{name}": value for name, value in logs.items()}, step)
                 progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}",
                                      img_s=f"{logs['images_per_s']:.1f}")
             loss_sum.zero_()
@@ -504,8 +511,8 @@ def main(argv=None) -> None:
                 save_pipeline_and_card(weights)
 
     progress.close()
-    if writer is not None:
-        writer.close()
+    if logger is not None:
+        logger.close()
     if hub_repo is not None:
         hub_repo.wait()
     distributed.barrier(ctx)

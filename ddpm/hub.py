@@ -40,6 +40,14 @@ def unreachable_reason(endpoint: str) -> str | None:
     return None
 
 
+def hard_link(source: Path, target: Path) -> bool:
+    try:
+        os.link(source, target)
+    except OSError:  # a filesystem without hard links
+        return False
+    return True
+
+
 class HubRepo:
     """A Hub model repo that the pipeline saves of one run are pushed to, one upload after another."""
 
@@ -51,15 +59,15 @@ class HubRepo:
         """Upload the pipeline folder, model card and sample grids as they are now, in the background."""
         found = (path.relative_to(self.output_dir).as_posix() for path in self.output_dir.rglob("*") if path.is_file())
         names = list(filter_repo_objects(found, allow_patterns=UPLOADED, ignore_patterns=NOT_UPLOADED))
-        # A snapshot of hard links: the next save replaces files by renaming new ones into place, so the upload
-        # still reads this save's files, without copying the weights
+        # The upload reads a snapshot, not the files a later save may rewrite: hard links for the pipeline and the
+        # card, which each save replaces by renaming a new file into place (no copy of the weights), and copies of
+        # the grids, which a final save may rewrite in place
         snapshot = Path(tempfile.mkdtemp(prefix=f".hub-upload-{step}-", dir=self.output_dir))
         for name in names:
-            (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(self.output_dir / name, snapshot / name)
-            except OSError:  # a filesystem without hard links
-                shutil.copy2(self.output_dir / name, snapshot / name)
+            source, target = self.output_dir / name, snapshot / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if name.startswith("samples/") or not hard_link(source, target):
+                shutil.copy2(source, target)
         # HfApi runs its background jobs one at a time, in order
         self.last_upload = self.api.run_as_future(self._upload, snapshot, step)
 
