@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="upload the pipeline, model card and sample grids to the Hugging Face Hub at each save (not checkpoints)")
     add("--hub_model_id", default=None, help="the Hub repo, NAME or USER/NAME (default: output_dir's name, yours)")
     add("--hub_token", default=None,
-        help="Hub token (default: HF_TOKEN or the saved `hf auth login`, which other users cannot see in `ps`)")
+        help="Hub token; others can read it in `ps`, so prefer the default: HF_TOKEN or the saved `hf auth login`")
     add("--hub_private_repo", action="store_true", help="create the Hub repo private")
     add("--hub_license", default="apache-2.0", help="license in the model card (output_dir/README.md), a Hub id")
     add("--mixed_precision", default="no", choices=["no", "fp16", "bf16"], help="autocast dtype")
@@ -360,8 +360,9 @@ def main(argv=None) -> None:
     except LoggerError as error:
         fail(str(error))
     in_memory = " (decoded, in memory)" if dataset.cached else ""
-    in_memory += f", {dataset.skipped} unreadable skipped" if dataset.skipped else ""
-    log_main(ctx, f"{source.description}{in_memory}; {sum(p.numel() for p in unet.parameters()):,} UNet parameters; "
+    skipped = f", {dataset.skipped} unreadable skipped" if dataset.skipped else ""
+    log_main(ctx, f"{source.description}{in_memory}{skipped}; "
+                  f"{sum(p.numel() for p in unet.parameters()):,} UNet parameters; "
                   f"global batch {args.train_batch_size} x {ctx.world_size} processes x "
                   f"{args.gradient_accumulation_steps} accumulation = "
                   f"{args.train_batch_size * ctx.world_size * args.gradient_accumulation_steps}; "
@@ -388,7 +389,7 @@ def main(argv=None) -> None:
         """The pipeline folder and its model card, uploaded with --push_to_hub."""
         save_pipeline(output_dir, weights, scheduler)
         write_model_card(output_dir, args, data=source.description, world_size=ctx.world_size, step=step,
-                         total_steps=total_steps, loss=logs.get("loss"), repo_id=hub_repo and hub_repo.repo_id)
+                         total_steps=total_steps, loss=logs.get("loss"), repo_id=hub_repo.repo_id if hub_repo else None)
         if hub_repo is not None:
             hub_repo.push(step)
 
@@ -513,10 +514,10 @@ def main(argv=None) -> None:
     progress.close()
     if logger is not None:
         logger.close()
-    if hub_repo is not None:
-        hub_repo.wait()
     distributed.barrier(ctx)
     distributed.cleanup(ctx)
+    if hub_repo is not None:  # after the other ranks are released: an upload may take longer than --ddp_timeout
+        hub_repo.wait()
 
 
 if __name__ == "__main__":
