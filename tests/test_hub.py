@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from huggingface_hub import RepoUrl
 
 from ddpm import hub
@@ -303,3 +304,13 @@ def test_train_that_cannot_push_stops_with_one_line_before_writing_anything(case
 def test_the_hub_token_is_not_stored_in_checkpoints(tmp_path, fake_hub):
     out = push_run(tmp_path, hub_token="hf_valid")
     assert b"hf_valid" not in b"".join(path.read_bytes() for path in out.rglob("*") if path.is_file())
+
+
+def test_a_rank_other_than_0_never_talks_to_the_hub(tmp_path, fake_hub, monkeypatch):
+    monkeypatch.setattr(train.distributed, "setup", lambda device, timeout: train.distributed.Context(
+        rank=1, local_rank=1, world_size=2, device=torch.device("cpu")))
+    monkeypatch.setattr(hub, "get_token", lambda: None)  # rank 0 would stop here
+    with pytest.raises(SystemExit) as stopped:  # stopped by the data, which comes after the Hub
+        train.main(tiny_args(tmp_path, push_to_hub=True, train_data_dir=tmp_path / "nowhere"))
+    assert "nowhere' is not a folder" in str(stopped.value.code)
+    assert fake_hub.repos == {}
