@@ -223,6 +223,18 @@ def test_an_upload_sends_its_saves_files_even_when_the_next_save_replaces_them_f
     assert files[PIPELINE[-1]] == PIPELINE[-1].encode()
 
 
+def test_an_upload_sends_its_saves_grid_even_when_the_grid_is_rewritten_in_place_first(tmp_path, fake_hub):
+    out = output_folder(tmp_path / "out")
+    repo = connect(out, fake_hub)
+    fake_hub.gate.clear()
+    repo.push(5)
+    (out / "samples" / "0002.png").write_bytes(b"the grid of step 6")  # save_image rewrites the file it opens
+    fake_hub.gate.set()
+    repo.wait()
+    [(_, _, files)] = fake_hub.uploads
+    assert files["samples/0002.png"] == b"samples/0002.png"
+
+
 def test_a_failed_upload_prints_one_warning_with_the_reason_and_keeps_the_local_files(tmp_path, fake_hub, capsys):
     out = output_folder(tmp_path / "out")
     before = files_in(out)
