@@ -3,8 +3,10 @@
 wandb runs offline (WANDB_MODE=offline), its settings and caches in tmp_path: no test touches the network.
 """
 
+import contextlib
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,21 +26,33 @@ def restore_signal_handlers():
         yield
 
 
-@pytest.fixture
-def wandb_offline(tmp_path, monkeypatch):
-    """wandb without network, keeping its settings and caches in tmp_path; returns the list of run.log calls."""
-    for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
-        monkeypatch.setenv(name, str(tmp_path / "wandb-home"))
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    calls = []
-    log = wandb.Run.log
+@contextlib.contextmanager
+def offline_wandb(home: Path):
+    """wandb without network, its settings and caches in `home`; records each run.log and each wandb.init config."""
+    recorded = SimpleNamespace(logs=[], configs=[])  # logs: (run id, step, data)
+    log, init = wandb.Run.log, wandb.init
 
     def recording_log(run, data, step=None, **kwargs):
-        calls.append((run.id, step, dict(data)))
+        recorded.logs.append((run.id, step, dict(data)))
         return log(run, data, step=step, **kwargs)
 
-    monkeypatch.setattr(wandb.Run, "log", recording_log)
-    return calls
+    def recording_init(**kwargs):
+        recorded.configs.append(kwargs["config"])
+        return init(**kwargs)
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+            monkeypatch.setenv(name, str(home))
+        monkeypatch.setenv("WANDB_MODE", "offline")
+        monkeypatch.setattr(wandb.Run, "log", recording_log)
+        monkeypatch.setattr(wandb, "init", recording_init)
+        yield recorded
+
+
+@pytest.fixture
+def wandb_offline(tmp_path):
+    with offline_wandb(tmp_path / "wandb-home") as recorded:
+        yield recorded
 
 
 def wandb_run(tmp_path: Path, **options) -> Path:
@@ -56,23 +70,31 @@ def run_folders(out: Path) -> list[Path]:
     return sorted((out / "logs" / "wandb").glob("offline-run-*"))
 
 
-def test_wandb_offline_writes_its_run_inside_output_dir(tmp_path, wandb_offline):
-    out = wandb_run(tmp_path)
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """(output folder, what wandb recorded) of a finished run with --logger wandb, offline."""
+    tmp_path = tmp_path_factory.mktemp("wandb")
+    with own_signal_handlers(), offline_wandb(tmp_path / "wandb-home") as recorded:
+        return wandb_run(tmp_path, hub_token="hf_secret"), recorded
+
+
+def test_wandb_offline_writes_its_run_inside_output_dir(finished_run):
+    out, _ = finished_run
     [folder] = run_folders(out)
     run_id = (out / "logs" / "wandb_run_id").read_text()
     assert folder.name.endswith(f"-{run_id}") and (folder / f"run-{run_id}.wandb").stat().st_size > 0
-    assert not (tmp_path / "wandb").exists() and not (Path.cwd() / "wandb").exists()
+    assert not (out.parent / "wandb").exists() and not (Path.cwd() / "wandb").exists()
 
 
-def test_wandb_gets_the_scalars_tensorboard_gets_at_each_logging_step(tmp_path, wandb_offline):
-    wandb_run(tmp_path)
-    scalars = [(step, set(data)) for _, step, data in wandb_offline if "samples" not in data]
+def test_wandb_gets_the_scalars_tensorboard_gets_at_each_logging_step(finished_run):
+    _, recorded = finished_run
+    scalars = [(step, set(data)) for _, step, data in recorded.logs if "samples" not in data]
     assert scalars == [(1, SCALARS), (2, SCALARS), (3, SCALARS), (4, SCALARS)]
 
 
-def test_wandb_gets_the_sample_grids_as_saved(tmp_path, wandb_offline):
-    out = wandb_run(tmp_path)
-    grids = [(step, data["samples"]) for _, step, data in wandb_offline if "samples" in data]
+def test_wandb_gets_the_sample_grids_as_saved(finished_run):
+    out, recorded = finished_run
+    grids = [(step, data["samples"]) for _, step, data in recorded.logs if "samples" in data]
     assert [step for step, _ in grids] == [2, 4]
     saved = [np.asarray(Image.open(out / "samples" / name)) for name in ("0001.png", "0002.png")]
     for (_, logged), grid in zip(grids, saved):
@@ -80,12 +102,9 @@ def test_wandb_gets_the_sample_grids_as_saved(tmp_path, wandb_offline):
     assert len(list(run_folders(out)[0].glob("files/media/images/samples_*.png"))) == 2
 
 
-def test_wandb_config_is_the_runs_arguments_without_the_hub_token(tmp_path, wandb_offline, monkeypatch):
-    configs = []
-    init = wandb.init
-    monkeypatch.setattr(wandb, "init", lambda **kwargs: configs.append(kwargs["config"]) or init(**kwargs))
-    wandb_run(tmp_path, hub_token="hf_secret")
-    [config] = configs
+def test_wandb_config_is_the_runs_arguments_without_the_hub_token(finished_run):
+    _, recorded = finished_run
+    [config] = recorded.configs
     assert config["max_train_steps"] == 4 and config["learning_rate"] == 2e-3 and config["logger"] == "wandb"
     assert "hub_token" not in config
 
@@ -96,14 +115,14 @@ def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, wandb_offline):
     first, resumed = run_folders(out)
     run_id = (out / "logs" / "wandb_run_id").read_text()
     assert first.name.endswith(f"-{run_id}") and resumed.name.endswith(f"-{run_id}")
-    assert {run for run, _, _ in wandb_offline} == {run_id}
-    assert [step for _, step, data in wandb_offline if "samples" not in data] == [1, 2, 3, 4]
+    assert {run for run, _, _ in wandb_offline.logs} == {run_id}
+    assert [step for _, step, data in wandb_offline.logs if "samples" not in data] == [1, 2, 3, 4]
 
 
 def test_a_new_run_in_the_same_folder_starts_a_new_wandb_run(tmp_path, wandb_offline):
     out = wandb_run(tmp_path)
     wandb_run(tmp_path)
-    assert len({run for run, _, _ in wandb_offline}) == 2 and len(run_folders(out)) == 2
+    assert len({run for run, _, _ in wandb_offline.logs}) == 2 and len(run_folders(out)) == 2
 
 
 def test_wandb_not_installed_is_a_one_line_error_naming_the_extra(monkeypatch, capsys):
