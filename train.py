@@ -18,6 +18,7 @@ SIGTERM or SIGINT (preemption) finishes the current step, writes a checkpoint an
 
 import argparse
 import copy
+import importlib.util
 import json
 import math
 import random
@@ -31,18 +32,19 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
 from ddpm import DDPMScheduler, UNet2DModel, generate, save_pipeline
-from ddpm import distributed
+from ddpm import distributed, hub
 from ddpm.checkpoint import (CheckpointError, capture_rng_state, list_checkpoints, load_checkpoint,
                              restore_rng_state, save_checkpoint, set_aside_checkpoints_after)
 from ddpm.data import CACHE_BYTES, DataError, EpochSampler, TrainingImages, load_images
 from ddpm.ema import EMA
 from ddpm.loss import diffusion_loss
+from ddpm.loggers import LoggerError, make_logger
 from ddpm.lr_schedule import make_lr_scheduler
+from ddpm.model_card import write_model_card
 from ddpm.presets import PRESETS
 
 # Configuration: preset values, overridden by explicit flags.
@@ -89,8 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
     add("--ema_inv_gamma", type=float, default=1.0)
     add("--ema_power", type=float, default=0.75)
     add("--ema_max_decay", type=float, default=0.9999)
-    add("--logging_dir", default="logs", help="TensorBoard folder, inside output_dir")
+    add("--logging_dir", default="logs", help="log folder, inside output_dir")
+    add("--logger", default="tensorboard", choices=["tensorboard", "wandb"],
+        help="where losses and sample grids go; wandb needs pip install -e '.[wandb]' (WANDB_MODE=offline: no network)")
     add("--logging_steps", type=int, default=10, help="log loss, lr and speed every N optimizer steps")
+    add("--push_to_hub", action="store_true",
+        help="upload the pipeline, model card and sample grids to the Hugging Face Hub at each save (not checkpoints)")
+    add("--hub_model_id", default=None, help="the Hub repo, NAME or USER/NAME (default: output_dir's name, yours)")
+    add("--hub_token", default=None,
+        help="Hub token; others can read it in `ps`, so prefer the default: HF_TOKEN or the saved `hf auth login`")
+    add("--hub_private_repo", action="store_true", help="create the Hub repo private")
+    add("--hub_license", default="apache-2.0", help="license in the model card (output_dir/README.md), a Hub id")
     add("--mixed_precision", default="no", choices=["no", "fp16", "bf16"], help="autocast dtype")
     add("--prediction_type", default="epsilon", choices=["epsilon", "sample", "v_prediction"])
     add("--snr_gamma", type=float, default=None,
@@ -149,6 +160,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.ddpm_num_inference_steps > args.ddpm_num_steps:
         parser.error(f"--ddpm_num_inference_steps ({args.ddpm_num_inference_steps}) cannot exceed "
                      f"--ddpm_num_steps ({args.ddpm_num_steps})")
+    if args.logger == "wandb" and importlib.util.find_spec("wandb") is None:
+        parser.error("--logger wandb needs the wandb package, which is not installed: pip install -e '.[wandb]'")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was asked for, but torch sees no CUDA GPU")
     if args.device == "cpu" and args.mixed_precision == "fp16":
@@ -215,9 +228,17 @@ def fail(message: str) -> None:
 @record  # under torchrun, a failing rank's traceback goes into the launcher's error summary
 def main(argv=None) -> None:
     args = parse_args(argv)
+    run_config = {name: value for name, value in vars(args).items() if name != "hub_token"}  # never stored
     ctx = distributed.setup(args.device, args.ddp_timeout)
     device = ctx.device
     output_dir = Path(args.output_dir)
+    hub_repo = None
+    if args.push_to_hub and ctx.is_main:  # before anything is trained or written: the repo must be usable
+        try:
+            hub_repo = hub.connect(output_dir, args.hub_model_id, args.hub_token, args.hub_private_repo)
+        except hub.HubError as error:
+            fail(str(error))
+        log_main(ctx, f"pushing each pipeline save to {hub_repo.url}")
 
     # Data
 
@@ -229,7 +250,8 @@ def main(argv=None) -> None:
             raise DataError(f"the dataset holds no images ({source.description})")
         channels = args.model_config.get("in_channels", 3)
         dataset = TrainingImages(source, args.resolution, channels, args.center_crop, args.random_flip,
-                                 cache_bytes=CACHE_BYTES if args.cache_images else 0, progress=ctx.is_main)
+                                 cache_bytes=CACHE_BYTES if args.cache_images else 0, progress=ctx.is_main,
+                                 report=ctx.is_main)
         sampler = EpochSampler(len(dataset), args.seed, ctx.rank, ctx.world_size)
     except DataError as error:
         fail(str(error))
@@ -335,9 +357,14 @@ def main(argv=None) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda s, frame: stop_requested.append(s))
 
-    writer = SummaryWriter(str(output_dir / args.logging_dir)) if ctx.is_main else None
+    try:
+        logger = make_logger(args, run_config, resumed=resume_path is not None) if ctx.is_main else None
+    except LoggerError as error:
+        fail(str(error))
     in_memory = " (decoded, in memory)" if dataset.cached else ""
-    log_main(ctx, f"{source.description}{in_memory}; {sum(p.numel() for p in unet.parameters()):,} UNet parameters; "
+    skipped = f", {dataset.skipped} unreadable skipped" if dataset.skipped else ""
+    log_main(ctx, f"{source.description}{in_memory}{skipped}; "
+                  f"{sum(p.numel() for p in unet.parameters()):,} UNet parameters; "
                   f"global batch {args.train_batch_size} x {ctx.world_size} processes x "
                   f"{args.gradient_accumulation_steps} accumulation = "
                   f"{args.train_batch_size * ctx.world_size * args.gradient_accumulation_steps}; "
@@ -358,7 +385,15 @@ def main(argv=None) -> None:
         grid = make_grid(images, nrow=math.ceil(math.sqrt(len(images))))
         (output_dir / "samples").mkdir(parents=True, exist_ok=True)
         save_image(grid, output_dir / "samples" / f"{epoch_number:04d}.png")
-        writer.add_image("samples", grid, step)
+        logger.log_image("samples", grid, step)
+
+    def save_pipeline_and_card(weights: torch.nn.Module) -> None:
+        """The pipeline folder and its model card, uploaded with --push_to_hub."""
+        save_pipeline(output_dir, weights, scheduler)
+        write_model_card(output_dir, args, data=source.description, world_size=ctx.world_size, step=step,
+                         total_steps=total_steps, loss=logs.get("loss"), repo_id=hub_repo.repo_id if hub_repo else None)
+        if hub_repo is not None:
+            hub_repo.push(step)
 
     def write_checkpoint() -> None:
         rng_states = distributed.gather_to_main(ctx, capture_rng_state(noise_generator))
@@ -368,7 +403,7 @@ def main(argv=None) -> None:
                      "ema_step": ema.optimization_step if ema else None, "world_size": ctx.world_size,
                      "seed": args.seed, "train_batch_size": args.train_batch_size, "dataset_size": len(dataset),
                      "noise_seeds": [rank_seed("noise", args.seed, r) for r in range(ctx.world_size)],
-                     "args": vars(args)}
+                     "args": run_config}
             path = save_checkpoint(output_dir, step, unet.state_dict(), ema.state_dict() if ema else None,
                                    optimizer.state_dict(), rng_states, state, args.checkpoints_total_limit)
             tqdm.write(f"saved {path}")
@@ -399,6 +434,7 @@ def main(argv=None) -> None:
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     window_start, window_images, window_steps = time.perf_counter(), 0, 0
     completed_epochs = epochs_completed()
+    logs = {}  # the latest logged values; the model card shows the loss
     while step < total_steps:
         for micro_step in range(args.gradient_accumulation_steps):
             x0 = next_batch()
@@ -457,8 +493,7 @@ def main(argv=None) -> None:
             if ema is not None:
                 logs["ema_decay"] = ema.decay or 0.0
             if ctx.is_main:
-                for name, value in logs.items():
-                    writer.add_scalar(f"train/{name}", value, step)
+                logger.log_scalars({f"train/{name}": value for name, value in logs.items()}, step)
                 progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}",
                                      img_s=f"{logs['images_per_s']:.1f}")
             loss_sum.zero_()
@@ -476,13 +511,15 @@ def main(argv=None) -> None:
             if save_images:
                 save_samples(weights, completed_epochs)
             if save_model:
-                save_pipeline(output_dir, weights, scheduler)
+                save_pipeline_and_card(weights)
 
     progress.close()
-    if writer is not None:
-        writer.close()
+    if logger is not None:
+        logger.close()
     distributed.barrier(ctx)
     distributed.cleanup(ctx)
+    if hub_repo is not None:  # after the other ranks are released: an upload may take longer than --ddp_timeout
+        hub_repo.wait()
 
 
 if __name__ == "__main__":

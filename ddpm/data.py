@@ -9,7 +9,6 @@ import io
 import math
 import os
 import random
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,7 +37,7 @@ class DataError(ValueError):
 
 
 class ImageSource:
-    """Random access to a list of images: len(), get(i) -> PIL image of any mode, describe(i) for warnings."""
+    """Random access to a list of images: len(), get(i) -> PIL image of any mode, describe(i) for reports."""
 
     description: str  # e.g. "imagefolder /data/cats: 123 images", printed by train.py
 
@@ -242,11 +241,12 @@ class TrainingImages(torch.utils.data.Dataset):
     Each image is first decoded: converted to L or RGB and resized (shorter side = resolution), as uint8. With
     cache_bytes > 0 and a dataset that fits, all images are decoded once, up front, and kept in memory; otherwise
     each is decoded when drawn. The crop, flip and scaling then run on the uint8 tensor, the same ops torchvision
-    applies to a PIL image, so caching changes no pixel.
+    applies to a PIL image, so caching changes no pixel. An unreadable image is skipped, with a line naming it
+    when `report` is on (train.py: on the main process).
     """
 
     def __init__(self, source: ImageSource, resolution: int, channels: int, center_crop: bool, random_flip: bool,
-                 cache_bytes: int = 0, progress: bool = False):
+                 cache_bytes: int = 0, progress: bool = False, report: bool = True):
         if channels not in (1, 3):
             raise DataError(f"images can have 1 (grey) or 3 (RGB) channels, got {channels}")
         self.source, self.mode = source, "L" if channels == 1 else "RGB"
@@ -259,7 +259,10 @@ class TrainingImages(torch.utils.data.Dataset):
                 transforms.Normalize([0.5], [0.5]),  # [0, 1] -> [-1, 1], the range DDPM's x_0 lives in
             ]
         )
-        self.unreadable: set[int] = set()  # per process: each DataLoader worker warns once per bad file
+        # In shared memory: DataLoader workers are other processes, and a file one of them found unreadable is then
+        # skipped by all, and reported once.
+        self.unreadable = torch.zeros(len(source), dtype=torch.bool).share_memory_()
+        self.report = report
         self.cache: list[torch.Tensor | None] | None = None
         if cache_bytes > 0 and len(source) * channels * resolution**2 <= cache_bytes:
             self.cache = self._decode_all(cache_bytes, progress)
@@ -286,8 +289,9 @@ class TrainingImages(torch.utils.data.Dataset):
         try:
             return self._decode(i)
         except UNREADABLE as e:
-            self.unreadable.add(i)
-            warnings.warn(f"skipping unreadable image {self.source.describe(i)}: {e}", stacklevel=3)
+            if not self.unreadable[i] and self.report:
+                tqdm.write(f"skipping unreadable image {self.source.describe(i)}: {e}")
+            self.unreadable[i] = True
             return None
 
     def _decode_all(self, cache_bytes: int, progress: bool) -> list[torch.Tensor | None] | None:
@@ -311,16 +315,21 @@ class TrainingImages(torch.utils.data.Dataset):
         # An unreadable image is replaced by the next readable one, so one bad file does not stop a long run.
         for step in range(len(self.source)):
             i = (index + step) % len(self.source)
-            if i in self.unreadable:
+            if self.unreadable[i]:
                 continue
             image = self.cache[i] if self.cache is not None else self._decode_or_none(i)
             if image is not None:
                 return image
-        raise DataError(f"none of the images could be read ({self.source.description}); see the warnings above")
+        raise DataError(f"none of the images could be read ({self.source.description}); see the lines above")
 
     @property
     def cached(self) -> bool:
         return self.cache is not None
+
+    @property
+    def skipped(self) -> int:
+        """How many images were found unreadable so far: all of them once the dataset is cached."""
+        return int(self.unreadable.sum())
 
 
 class EpochSampler(torch.utils.data.Sampler):

@@ -138,28 +138,65 @@ def test_augmentation_leaves_the_global_rng_alone():
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_corrupt_file_is_skipped_with_a_warning_naming_it(tmp_path):
+def skipped_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("skipping unreadable image ")]
+
+
+def test_corrupt_file_is_skipped_with_a_line_naming_it(tmp_path, capsys):
     write_pngs(tmp_path, 3)
     (tmp_path / "1.png").write_bytes(np.random.default_rng(0).bytes(500))
     dataset = TrainingImages(load_images(None, None, str(tmp_path), None, 16, 0), 16, 3, False, False)
-    with pytest.warns(UserWarning, match="1.png"):
-        x = dataset[(1, 0)]
+    x = dataset[(1, 0)]
     assert torch.equal(x, dataset[(2, 0)])  # the next readable image stands in
+    [line] = skipped_lines(capsys.readouterr().out)
+    assert line.startswith(f"skipping unreadable image {tmp_path / '1.png'}: ")
 
 
-def test_truncated_file_is_skipped_with_a_warning_naming_it(tmp_path):
+def test_truncated_file_is_skipped_with_a_line_naming_it(tmp_path, capsys):
     write_pngs(tmp_path, 2)
     (tmp_path / "0.png").write_bytes((tmp_path / "0.png").read_bytes()[:200])
     dataset = TrainingImages(load_images(None, None, str(tmp_path), None, 16, 0), 16, 3, False, False)
-    with pytest.warns(UserWarning, match="0.png"):
-        assert torch.equal(dataset[(0, 0)], dataset[(1, 0)])
+    assert torch.equal(dataset[(0, 0)], dataset[(1, 0)])
+    [line] = skipped_lines(capsys.readouterr().out)
+    assert "0.png" in line
 
 
-def test_no_readable_image_raises_data_error(tmp_path):
+def test_an_unreadable_file_is_reported_once_however_often_it_is_drawn(tmp_path, capsys):
+    write_pngs(tmp_path, 3)
+    (tmp_path / "1.png").write_bytes(b"not a png")
+    dataset = TrainingImages(load_images(None, None, str(tmp_path), None, 16, 0), 16, 3, False, False)
+    for sample_seed in range(3):
+        dataset[(1, sample_seed)]
+    assert len(skipped_lines(capsys.readouterr().out)) == 1
+    assert dataset.skipped == 1
+
+
+def test_an_unreadable_file_is_skipped_silently_when_reporting_is_off(tmp_path, capsys):
+    write_pngs(tmp_path, 2)
+    (tmp_path / "1.png").write_bytes(b"not a png")
+    dataset = TrainingImages(load_images(None, None, str(tmp_path), None, 16, 0), 16, 3, False, False, report=False)
+    assert torch.equal(dataset[(1, 0)], dataset[(0, 0)])
+    assert capsys.readouterr().out == "" and dataset.skipped == 1
+
+
+def test_a_file_a_dataloader_worker_found_unreadable_is_skipped_by_every_process_without_a_new_report(
+        tmp_path, capfd):
+    write_pngs(tmp_path, 2)
+    (tmp_path / "1.png").write_bytes(b"not a png")
+    dataset = TrainingImages(load_images(None, None, str(tmp_path), None, 16, 0), 16, 3, False, False)
+    list(torch.utils.data.DataLoader(dataset, batch_size=None, sampler=[(1, 0)], num_workers=1))
+    assert dataset.skipped == 1  # seen in this process: the worker marked it in shared memory
+    list(torch.utils.data.DataLoader(dataset, batch_size=None, sampler=[(1, 0)], num_workers=1))  # a new worker
+    dataset[(1, 0)]
+    assert len(skipped_lines(capfd.readouterr().out)) == 1
+
+
+def test_no_readable_image_raises_data_error(tmp_path, capsys):
     (tmp_path / "bad.png").write_bytes(b"not a png")
     dataset = TrainingImages(load_images(None, None, str(tmp_path), None, 16, 0), 16, 3, False, False)
-    with pytest.warns(UserWarning, match="bad.png"), pytest.raises(DataError, match="none of the images"):
+    with pytest.raises(DataError, match="none of the images"):
         dataset[(0, 0)]
+    assert "bad.png" in capsys.readouterr().out
 
 
 def test_folder_is_searched_recursively_for_image_extensions(tmp_path):
@@ -336,12 +373,13 @@ def test_images_larger_than_the_cache_budget_are_decoded_on_demand():
     assert not dataset.cached and dataset[(3, 0)].shape == (3, 16, 16)
 
 
-def test_corrupt_file_in_a_cached_folder_is_skipped_with_a_warning(tmp_path):
+def test_corrupt_file_in_a_cached_folder_is_reported_and_counted_while_decoding(tmp_path, capsys):
     write_pngs(tmp_path, 3)
     (tmp_path / "1.png").write_bytes(b"not a png")
-    with pytest.warns(UserWarning, match="1.png"):
-        dataset = TrainingImages(load_images(None, None, str(tmp_path), None, 16, 0), 16, 3, False, False,
-                                 cache_bytes=2**20)
+    dataset = TrainingImages(load_images(None, None, str(tmp_path), None, 16, 0), 16, 3, False, False,
+                             cache_bytes=2**20)
+    [line] = skipped_lines(capsys.readouterr().out)  # before any image is drawn
+    assert "1.png" in line and dataset.skipped == 1
     assert dataset.cached and torch.equal(dataset[(1, 0)], dataset[(2, 0)])
 
 

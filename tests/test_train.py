@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import diffusers
@@ -418,7 +419,7 @@ def test_a_nan_loss_is_caught_before_an_epoch_end_saves_the_pipeline(tmp_path, m
 # Data
 
 
-def test_odd_image_modes_train_and_a_corrupt_file_is_skipped_with_a_warning(tmp_path):
+def test_odd_image_modes_train_and_a_corrupt_file_is_reported_in_the_runs_output(tmp_path, capsys):
     images = tmp_path / "images"
     images.mkdir()
     rng = np.random.default_rng(0)
@@ -431,10 +432,25 @@ def test_odd_image_modes_train_and_a_corrupt_file_is_skipped_with_a_warning(tmp_
         == ["L", "RGBA", "P", "I;16"]
 
     # a batch of 5 reads every file
-    with pytest.warns(UserWarning, match="skipping unreadable image .*broken.png"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # as PYTHONWARNINGS=ignore: the report is not a Python warning
         out = run(tmp_path, train_data_dir=images, train_batch_size=5, max_train_steps=2)
     assert list_checkpoints(out) == [out / "checkpoint-2"]
     assert all(torch.isfinite(tensor).all() for tensor in checkpoint_at(out, 2)["model"].values())
+    log = capsys.readouterr().out
+    assert log.count("skipping unreadable image") == 1 and f"skipping unreadable image {images / 'broken.png'}" in log
+    assert f"imagefolder {images}: 5 images (decoded, in memory), 1 unreadable skipped;" in log
+
+
+def test_an_unreadable_file_read_by_a_dataloader_worker_is_reported_once_with_warnings_ignored(tmp_path, capfd):
+    images = image_folder(tmp_path / "images", 4)
+    (images / "broken.png").write_bytes(b"not a png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # streamed, so the worker process decodes; a batch of 5 draws every file in each of the 3 epochs
+        run(tmp_path, train_data_dir=images, train_batch_size=5, max_train_steps=3, cache_images=False,
+            dataloader_num_workers=1)
+    assert capfd.readouterr().out.count(f"skipping unreadable image {images / 'broken.png'}: ") == 1
 
 
 # -----------------------------------------------------------------------------
@@ -537,6 +553,15 @@ def test_tensorboard_logs_loss_lr_grad_norm_and_throughput_each_logging_step(fin
     for tag in ("train/loss", "train/lr", "train/grad_norm", "train/images_per_s"):
         assert [event.step for event in events.Scalars(tag)] == [1, 2, 3], tag
         assert all(np.isfinite(event.value) for event in events.Scalars(tag)), tag
+
+
+def test_the_model_card_shows_the_last_logged_loss_and_the_folder_with_it_loads_in_diffusers(finished_run):
+    events = EventAccumulator(str(finished_run / "logs"))
+    events.Reload()
+    text = (finished_run / "README.md").read_text()
+    assert f"| training loss (last logged) | {events.Scalars('train/loss')[-1].value:.4g} |" in text.splitlines()
+    assert "![Samples after epoch 0](samples/0000.png)" in text
+    diffusers.DDPMPipeline.from_pretrained(finished_run)
 
 
 def test_resuming_with_another_seed_ends_with_an_error_naming_both_seeds(tmp_path):
