@@ -285,7 +285,7 @@ class TrainingImages(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
         index, draw = key
-        image = crop_and_flip(self._read(index), self.resolution, self.center_crop, self.random_flip, draw)
+        image = crop_and_flip(self.decoded(index), self.resolution, self.center_crop, self.random_flip, draw)
         return self.to_model_range(image)
 
     def _decode(self, i: int) -> torch.Tensor:
@@ -317,7 +317,8 @@ class TrainingImages(torch.utils.data.Dataset):
             pool.shutdown(wait=True, cancel_futures=True)
         return images
 
-    def _read(self, index: int) -> torch.Tensor:
+    def decoded(self, index: int) -> torch.Tensor:
+        """Image `index` as uint8 (channels, height, width), shorter side = resolution, before the crop and flip."""
         # An unreadable image is replaced by the next readable one, so one bad file does not stop a long run.
         for step in range(len(self.source)):
             i = (index + step) % len(self.source)
