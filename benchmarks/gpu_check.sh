@@ -5,7 +5,7 @@
 #   3. torchrun (NCCL), the same run: SIGTERM -> checkpoint and exit 0, then resume, SIGTERM again
 #   4. benchmark.py as 1 with --compile (training only: each measurement compiles anew); 5. train.py as 2 with --compile; 6. benchmark.py as 1 with --channels_last
 # The CIFAR-10 UNet (issue 9), batch 128, bf16 (the cifar10-32 preset's default on a GPU), built-in data at 32 px:
-#   7. train_step_gpu.py: the model step eager, compiled, reduce-overhead, whole step as one CUDA graph (eager, compiled)
+#   7. train_step_gpu.py: the model step eager, compiled, reduce-overhead, and as one CUDA graph (eager, compiled)
 #   8. train.py --preset cifar10-32, 500 steps, eager and --compile: the whole loop, images on the GPU (--device_data)
 #   9. torchrun --nproc_per_node=1, the same run eager: DDP's overhead against 8 on the same card
 #   10. the CUDA tests: device batches equal the CPU DataLoader's, and no host synchronisation between logging steps
@@ -105,7 +105,8 @@ if want cifar_loop; then
     done
 
     part "9. torchrun --nproc_per_node=1, the same run, eager: DDP overhead"
-    timeout 120 torchrun --standalone --nproc_per_node=1 "${CIFAR[@]}" --output_dir /tmp/cifar-ddp > /tmp/cifar-ddp.log 2>&1
+    timeout 120 torchrun --standalone --nproc_per_node=1 "${CIFAR[@]}" --output_dir /tmp/cifar-ddp \
+        > /tmp/cifar-ddp.log 2>&1
     echo "exit code $?"; grep -E "parameters|rror" /tmp/cifar-ddp.log | head -3
     loop_rate /tmp/cifar-ddp | tee -a "$OUT/cifar-loop.txt"
     python3 - <<'EOF' | tee -a "$OUT/cifar-loop.txt"
@@ -120,8 +121,8 @@ fi
 
 if want cifar_tests; then
     part "10. CUDA tests: device data, no host synchronisation between logging steps"
-    timeout 180 python3 -m pytest -q -rs tests/test_device_data.py tests/test_train.py -k "cuda or wait_for_the_gpu" 2>&1 \
-        | tail -5 | tee "$OUT/cuda-tests.txt"
+    timeout 180 python3 -m pytest -q -rs tests/test_device_data.py tests/test_train.py \
+        -k "cuda or wait_for_the_gpu" 2>&1 | tail -5 | tee "$OUT/cuda-tests.txt"
 fi
 
 part "done"

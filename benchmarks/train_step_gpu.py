@@ -9,7 +9,7 @@ Each variant runs in a process of its own under --variant_timeout, so one that h
 
 $ python benchmarks/train_step_gpu.py                          # every variant, on CUDA
 $ python benchmarks/train_step_gpu.py --variants eager,cuda_graph --markdown step.md
-$ python benchmarks/train_step_gpu.py --quick                  # a tiny UNet at batch 4: checks that it runs (CPU)
+$ OMP_NUM_THREADS=1 python benchmarks/train_step_gpu.py --quick   # a tiny UNet at batch 4: does it run (CPU)
 """
 
 import argparse
@@ -237,8 +237,8 @@ def main() -> None:
     flops = train_flops_per_image(config)
     peak = args.peak_tflops or (H100_SXM_BF16_TFLOPS if args.device == "cuda" else None)
     name = "tiny UNet (--quick)" if args.quick else "CIFAR-10 UNet"
-    print(f"{name}, batch {args.batch_size}, {args.dtype}, {device_name(args.device)}: {len(args.variants)} variant(s), "
-          f"at most {args.variant_timeout:g} s each", flush=True)
+    print(f"{name}, batch {args.batch_size}, {args.dtype}, {device_name(args.device)}: {len(args.variants)} "
+          f"variant(s), at most {args.variant_timeout:g} s each", flush=True)
     lines = [f"| {name}, batch {args.batch_size}, {args.dtype}, {device_name(args.device)} | images/s (min-max) | "
              "ms/step | TFLOP/s | MFU | warm-up, s | mean loss |",
              "|---|---|---|---|---|---|---|"]
