@@ -6,11 +6,11 @@ $ python train.py                                   # quickstart: built-in shape
 $ python train.py --preset butterflies-128          # the tutorial exactly (downloads from the Hub)
 
 With torchrun, one process per GPU (global batch = train_batch_size x GPUs x accumulation steps):
-$ torchrun --standalone --nproc_per_node=1 train.py --preset cifar10-32 --mixed_precision bf16
-$ torchrun --standalone --nproc_per_node=8 train.py --preset cifar10-32 --mixed_precision bf16
+$ torchrun --standalone --nproc_per_node=1 train.py --preset cifar10-32
+$ torchrun --standalone --nproc_per_node=8 train.py --preset cifar10-32
 Across 2 nodes (run on each, K = 0 on the first and 1 on the second; HOST:PORT on the first node):
 $ torchrun --nnodes=2 --node_rank=K --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:PORT \
-      train.py --preset cifar10-32 --mixed_precision bf16
+      train.py --preset cifar10-32
 
 SIGTERM or SIGINT (preemption) finishes the current step, writes a checkpoint and exits 0;
 `--resume_from_checkpoint latest` continues from it exactly.
@@ -40,6 +40,7 @@ from ddpm import distributed, hub
 from ddpm.checkpoint import (CheckpointError, capture_rng_state, list_checkpoints, load_checkpoint,
                              restore_rng_state, save_checkpoint, set_aside_checkpoints_after)
 from ddpm.data import CACHE_BYTES, DataError, EpochSampler, TrainingImages, load_images
+from ddpm.device_data import DeviceDataUnavailable, DeviceImages
 from ddpm.ema import EMA
 from ddpm.loss import diffusion_loss
 from ddpm.loggers import LoggerError, make_logger
@@ -73,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--cache_images", action=argparse.BooleanOptionalAction, default=True,
         help=f"decode the images once and keep them in memory when they fit in {CACHE_BYTES / 2**30:g} GiB "
              "(per process); else each is decoded when drawn")
+    add("--device_data", action=argparse.BooleanOptionalAction, default=True,
+        help="keep the decoded images on the training device as one tensor and draw the batches there, without a "
+             "DataLoader; needs --cache_images and no random crops (images resolution x resolution after resizing, "
+             "or --center_crop); else one line says why")
     add("--num_epochs", type=int, default=100, help="passes over the data (ignored with --max_train_steps)")
     add("--max_train_steps", type=int, default=None, help="optimizer steps to train; overrides --num_epochs")
     add("--save_images_epochs", type=int, default=None, help="write a sample grid every N epochs (and at the end)")
@@ -102,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="Hub token; others can read it in `ps`, so prefer the default: HF_TOKEN or the saved `hf auth login`")
     add("--hub_private_repo", action="store_true", help="create the Hub repo private")
     add("--hub_license", default="apache-2.0", help="license in the model card (output_dir/README.md), a Hub id")
-    add("--mixed_precision", default="no", choices=["no", "fp16", "bf16"], help="autocast dtype")
+    add("--mixed_precision", default="no", choices=["no", "fp16", "bf16", "auto"],
+        help="autocast dtype; auto (the cifar10-32 preset's): bf16 on a GPU that has it, else no (fp32)")
     add("--prediction_type", default="epsilon", choices=["epsilon", "sample", "v_prediction"])
     add("--snr_gamma", type=float, default=None,
         help="min-SNR-gamma loss weighting (Hang et al. 2023; 5 is the paper's choice); off when not given")
@@ -164,6 +170,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--logger wandb needs the wandb package, which is not installed: pip install -e '.[wandb]'")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was asked for, but torch sees no CUDA GPU")
+    args.mixed_precision_auto = args.mixed_precision == "auto"
+    if args.mixed_precision_auto:  # on the CPU bf16 autocast did not train faster than fp32 (docs/benchmarks.md)
+        bf16 = args.device == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+        args.mixed_precision = "bf16" if bf16 else "no"
     if args.device == "cpu" and args.mixed_precision == "fp16":
         # measured: a forward + backward of the tutorial UNet at 32x32, batch 2, took 90 s in fp16 against 1.2 s
         source = "" if given.mixed_precision == "fp16" else f" (preset {given.preset})"
@@ -258,10 +268,19 @@ def main(argv=None) -> None:
     if len(sampler) < args.train_batch_size:
         fail(f"each process gets {len(sampler)} images per epoch, fewer than --train_batch_size "
              f"{args.train_batch_size}; use a smaller batch or more images")
-    loader = DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler, drop_last=True,
-                        num_workers=args.dataloader_num_workers, pin_memory=device.type == "cuda",
-                        persistent_workers=args.dataloader_num_workers > 0, worker_init_fn=ignore_stop_signals,
-                        generator=torch.Generator())  # keeps the global RNG (dropout) out of the data order
+    loader = None
+    if args.device_data:  # small data: the same batches, drawn on the device without a host synchronisation
+        try:
+            loader = DeviceImages(dataset, sampler, args.train_batch_size, device)
+        except DeviceDataUnavailable as reason:
+            log_main(ctx, f"the batches come from a DataLoader, not from the device: {reason}")
+        except DataError as error:
+            fail(str(error))
+    if loader is None:
+        loader = DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler, drop_last=True,
+                            num_workers=args.dataloader_num_workers, pin_memory=device.type == "cuda",
+                            persistent_workers=args.dataloader_num_workers > 0, worker_init_fn=ignore_stop_signals,
+                            generator=torch.Generator())  # keeps the global RNG (dropout) out of the data order
     batches_per_epoch = len(sampler) // args.train_batch_size
     steps_per_epoch = batches_per_epoch / args.gradient_accumulation_steps
     total_steps = args.max_train_steps or math.ceil(args.num_epochs * steps_per_epoch)
@@ -361,14 +380,18 @@ def main(argv=None) -> None:
         logger = make_logger(args, run_config, resumed=resume_path is not None) if ctx.is_main else None
     except LoggerError as error:
         fail(str(error))
-    in_memory = " (decoded, in memory)" if dataset.cached else ""
+    in_memory = (f" (decoded, one uint8 tensor on {device}: batches drawn there)" if isinstance(loader, DeviceImages)
+                 else " (decoded, in memory)" if dataset.cached else "")
     skipped = f", {dataset.skipped} unreadable skipped" if dataset.skipped else ""
+    precision = {"no": "fp32", "fp16": "fp16 autocast", "bf16": "bf16 autocast"}[args.mixed_precision]
+    if args.mixed_precision_auto:
+        precision += " (--mixed_precision auto: bf16 on a GPU that has it, else fp32)"
     log_main(ctx, f"{source.description}{in_memory}{skipped}; "
                   f"{sum(p.numel() for p in unet.parameters()):,} UNet parameters; "
                   f"global batch {args.train_batch_size} x {ctx.world_size} processes x "
                   f"{args.gradient_accumulation_steps} accumulation = "
                   f"{args.train_batch_size * ctx.world_size * args.gradient_accumulation_steps}; "
-                  f"{total_steps} optimizer steps ({steps_per_epoch:g} per epoch) on {device}")
+                  f"{total_steps} optimizer steps ({steps_per_epoch:g} per epoch) on {device}, {precision}")
 
     def sampling_model():
         """The weights to sample from: a copy holding the EMA weights, or the training model itself."""

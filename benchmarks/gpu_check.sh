@@ -4,7 +4,14 @@
 #   2. train.py, 200 steps at 128 on the built-in data, bf16, EMA: the whole loop against the model-only number
 #   3. torchrun (NCCL), the same run: SIGTERM -> checkpoint and exit 0, then resume, SIGTERM again
 #   4. benchmark.py as 1 with --compile (training only: each measurement compiles anew); 5. train.py as 2 with --compile; 6. benchmark.py as 1 with --channels_last
+# The CIFAR-10 UNet (issue 9), batch 128, bf16 (the cifar10-32 preset's default on a GPU), built-in data at 32 px:
+#   7. train_step_gpu.py: the model step eager, compiled, reduce-overhead, and as one CUDA graph (eager, compiled)
+#   8. train.py --preset cifar10-32, 500 steps, eager and --compile: the whole loop, images on the GPU (--device_data)
+#   9. torchrun --nproc_per_node=1, the same run eager: DDP's overhead against 8 on the same card
+#   10. the CUDA tests: device batches equal the CPU DataLoader's, and no host synchronisation between logging steps
 # Usage: OUT=results-dir bash benchmarks/gpu_check.sh   (diffusers must be importable: see the lease's wheels)
+# PARTS picks groups (default all): tutorial (1-6, ~9 min), cifar_step (7, at most 9.5 min), cifar_loop (8-9, ~4 min),
+# cifar_tests (10), e.g. PARTS="cifar_step cifar_tests" bash benchmarks/gpu_check.sh
 # Each part has its own time limit, so a slow one does not cost the rest; logs go to $OUT.
 set -u
 OUT=${OUT:-gpu-results}
@@ -12,6 +19,8 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # benchmarks/benchmark.py imports ddpm from the checkout
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 BATCH=${BATCH:-64}
+PARTS=${PARTS:-"tutorial cifar_step cifar_loop cifar_tests"}
+want() { [[ " $PARTS " == *" $1 "* ]]; }
 TRAIN=(train.py --preset butterflies-128 --builtin_data --mixed_precision bf16 --train_batch_size "$BATCH"
        --use_ema --dataloader_num_workers 4 --logging_steps 10 --ddpm_num_inference_steps 20
        --checkpointing_steps 100000)
@@ -34,6 +43,7 @@ part "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, torch.cuda.get_device_name())"
 
+if want tutorial; then
 part "1. benchmark, eager bf16, batch $BATCH"
 timeout 150 python3 benchmarks/benchmark.py --config tutorial128 --device cuda --dtype bf16 --batch_size "$BATCH" \
     --repeats 5 --train_steps 3 --forward_steps 5 --sample_steps 10 --profile 15 --markdown "$OUT/eager.md" 2>&1 | tee "$OUT/eager.log"
@@ -73,6 +83,47 @@ part "6. benchmark, eager bf16 channels_last, batch $BATCH"
 timeout 90 python3 benchmarks/benchmark.py --config tutorial128 --device cuda --dtype bf16 --batch_size "$BATCH" \
     --repeats 5 --train_steps 3 --forward_steps 5 --measure train,forward --channels_last \
     --markdown "$OUT/channels_last.md" 2>&1 | tee "$OUT/channels_last.log"
+fi
+
+CIFAR=(train.py --preset cifar10-32 --builtin_data --max_train_steps 500 --logging_steps 10
+       --checkpointing_steps 100000 --save_images_epochs 100000 --save_model_epochs 100000
+       --eval_batch_size 16 --ddpm_num_inference_steps 20)
+
+if want cifar_step; then
+    part "7. train_step_gpu.py: CIFAR UNet, batch 128, bf16, each variant at most 110 s"
+    timeout 570 python3 benchmarks/train_step_gpu.py --variant_timeout 110 --markdown "$OUT/cifar-step.md" 2>&1 \
+        | tee "$OUT/cifar-step.log" | grep -v Warning
+fi
+
+if want cifar_loop; then
+    part "8. train.py --preset cifar10-32 --builtin_data, 500 steps, eager and --compile"
+    for mode in eager compiled; do
+        extra=(); [ $mode = compiled ] && extra=(--compile)
+        timeout 180 python3 "${CIFAR[@]}" "${extra[@]}" --output_dir /tmp/cifar-$mode > /tmp/cifar-$mode.log 2>&1
+        echo "exit code $?"; grep -E "parameters|DataLoader|rror" /tmp/cifar-$mode.log | head -3
+        loop_rate /tmp/cifar-$mode | tee -a "$OUT/cifar-loop.txt"
+    done
+
+    part "9. torchrun --nproc_per_node=1, the same run, eager: DDP overhead"
+    timeout 120 torchrun --standalone --nproc_per_node=1 "${CIFAR[@]}" --output_dir /tmp/cifar-ddp \
+        > /tmp/cifar-ddp.log 2>&1
+    echo "exit code $?"; grep -E "parameters|rror" /tmp/cifar-ddp.log | head -3
+    loop_rate /tmp/cifar-ddp | tee -a "$OUT/cifar-loop.txt"
+    python3 - <<'EOF' | tee -a "$OUT/cifar-loop.txt"
+import statistics
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+rate = {run: statistics.median(e.value for e in EventAccumulator(f"/tmp/cifar-{run}/logs").Reload()
+                               .Scalars("train/images_per_s") if e.step > 50) for run in ("eager", "ddp")}
+print(f"DDP overhead (torchrun --nproc_per_node=1 against a plain run, eager, same card): "
+      f"{100 * (1 - rate['ddp'] / rate['eager']):.1f}% ({rate['ddp']:.1f} against {rate['eager']:.1f} images/s)")
+EOF
+fi
+
+if want cifar_tests; then
+    part "10. CUDA tests: device data, no host synchronisation between logging steps"
+    timeout 180 python3 -m pytest -q -rs tests/test_device_data.py tests/test_train.py \
+        -k "cuda or wait_for_the_gpu" 2>&1 | tail -5 | tee "$OUT/cuda-tests.txt"
+fi
 
 part "done"
-cat "$OUT"/*.md "$OUT/loop.txt"
+cat "$OUT"/*.md "$OUT"/*.txt

@@ -100,5 +100,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "save_model_epochs": 10,
         "checkpointing_steps": 5000,
         "ddpm_num_inference_steps": 1000,
+        "mixed_precision": "auto",  # bf16 on a GPU that has it (Ampere or newer), fp32 on the CPU
     },
 }

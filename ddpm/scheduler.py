@@ -102,6 +102,7 @@ class DDPMScheduler:
         # alpha_t = 1 - beta_t,  abar_t = prod_{s<=t} alpha_s
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self._alphas_cumprod_on: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}  # by device and dtype
         self.one = torch.tensor(1.0)
         self.num_inference_steps: int | None = None
         self.timesteps = torch.arange(T - 1, -1, -1, dtype=torch.int64)
@@ -120,8 +121,10 @@ class DDPMScheduler:
 
     def _forward_coefficients(self, like: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """sqrt(abar_t) and sqrt(1 - abar_t) for each timestep, shaped to broadcast over `like`."""
-        alphas_cumprod = self.alphas_cumprod.to(device=like.device, dtype=like.dtype)
-        abar = alphas_cumprod[timesteps.to(like.device)].flatten()
+        key = (like.device, like.dtype)
+        if key not in self._alphas_cumprod_on:  # copied once: a copy to the GPU every training step would wait for it
+            self._alphas_cumprod_on[key] = self.alphas_cumprod.to(device=like.device, dtype=like.dtype)
+        abar = self._alphas_cumprod_on[key][timesteps.to(like.device)].flatten()
         shape = (-1,) + (1,) * (like.ndim - 1)
         return (abar**0.5).reshape(shape), ((1 - abar) ** 0.5).reshape(shape)
 

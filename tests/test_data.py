@@ -124,9 +124,9 @@ def test_same_key_gives_same_tensor_with_random_crop_and_flip():
     assert torch.equal(first, dataset[(0, 7)])
 
 
-def test_different_sample_seeds_give_different_crops_and_flips():
+def test_different_draws_give_different_crops_and_flips():
     dataset = TrainingImages(ListSource(noise_images(1)), 16, 3, center_crop=False, random_flip=True)
-    assert len({dataset[(0, seed)].numpy().tobytes() for seed in range(20)}) > 1
+    assert len({dataset[(0, draw)].numpy().tobytes() for draw in range(20)}) > 1
 
 
 def test_augmentation_leaves_the_global_rng_alone():
@@ -283,7 +283,7 @@ def test_sampler_yields_every_index_once_per_epoch():
 def test_sampler_shards_are_disjoint_and_padded_to_equal_length_for_odd_n():
     rank0, rank1 = epoch_keys(11, rank=0, world_size=2), epoch_keys(11, rank=1, world_size=2)
     assert len(rank0) == len(rank1) == 6
-    assert not {seed for _, seed in rank0} & {seed for _, seed in rank1}  # distinct positions
+    assert not {draw for _, draw in rank0} & {draw for _, draw in rank1}  # distinct positions, independent draws
     indices = [index for index, _ in rank0 + rank1]
     assert set(indices) == set(range(11)) and len(indices) == 12  # one index repeated as padding
 
@@ -293,7 +293,7 @@ def test_sampler_shards_interleave_the_single_process_order():
     assert epoch_keys(12, rank=0, world_size=3) == full[0::3] and epoch_keys(12, rank=2, world_size=3) == full[2::3]
 
 
-def test_sampler_order_and_sample_seeds_change_between_epochs():
+def test_sampler_order_and_draws_change_between_epochs():
     epoch0, epoch1 = epoch_keys(50, epoch=0), epoch_keys(50, epoch=1)
     assert [i for i, _ in epoch0] != [i for i, _ in epoch1]
     assert not {s for _, s in epoch0} & {s for _, s in epoch1}
@@ -327,17 +327,21 @@ def test_dataloader_batches_do_not_depend_on_the_number_of_workers():
 # Decoded images kept in memory (cache_bytes): the same tensors as decoding each time
 
 
-def torchvision_pil_pipeline(resolution, center_crop, random_flip):
-    """diffusers' train_unconditional.py augmentation on PIL images: what TrainingImages must reproduce."""
-    from torchvision import transforms
+def torchvision_pil_pipeline(image, resolution, center_crop, random_flip, draw):
+    """diffusers' train_unconditional.py augmentation of a PIL image, with the crop offsets and the flip that `draw`
+    picks (offsets (draw >> 1) modulo the rows, then the columns; the flip bit 0): what TrainingImages must give."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as F
 
-    return transforms.Compose([
-        transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR),
-        transforms.CenterCrop(resolution) if center_crop else transforms.RandomCrop(resolution),
-        *([transforms.RandomHorizontalFlip()] if random_flip else []),
-        transforms.ToTensor(),
-        transforms.Normalize([0.5], [0.5]),
-    ])
+    image = F.resize(image, resolution, interpolation=InterpolationMode.BILINEAR)
+    if center_crop:
+        image = F.center_crop(image, resolution)
+    else:
+        rows, columns = image.height - resolution + 1, image.width - resolution + 1
+        image = F.crop(image, (draw >> 1) % rows, (draw >> 1) // rows % columns, resolution, resolution)
+    if random_flip and draw & 1:
+        image = F.hflip(image)
+    return F.normalize(F.to_tensor(image), [0.5], [0.5])
 
 
 @pytest.mark.parametrize("channels, center_crop, random_flip", [(3, False, True), (1, True, False), (3, True, True)])
@@ -346,13 +350,18 @@ def test_cached_and_uncached_images_equal_torchvisions_pil_pipeline(channels, ce
     cached = TrainingImages(ListSource(images), 16, channels, center_crop, random_flip, cache_bytes=2**20)
     uncached = TrainingImages(ListSource(images), 16, channels, center_crop, random_flip)
     assert cached.cached and not uncached.cached
-    reference = torchvision_pil_pipeline(16, center_crop, random_flip)
-    for index, seed in [(0, 0), (1, 5), (4, 77), (5, 3), (6, 2**40), (2, 11)]:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            expected = reference(images[index].convert("L" if channels == 1 else "RGB"))
-        assert torch.equal(cached[(index, seed)], expected)
-        assert torch.equal(uncached[(index, seed)], expected)
+    for index, draw in [(0, 0), (1, 5), (4, 77), (5, 3), (6, 2**40 + 1), (2, 11), (6, 2**62 - 1)]:
+        image = images[index].convert("L" if channels == 1 else "RGB")
+        expected = torchvision_pil_pipeline(image, 16, center_crop, random_flip, draw)
+        assert torch.equal(cached[(index, draw)], expected)
+        assert torch.equal(uncached[(index, draw)], expected)
+
+
+def test_draws_reach_every_crop_offset_with_and_without_a_flip():
+    # 24x16 at 16: 9 column offsets, 1 row; with the flip 18 different crops
+    dataset = TrainingImages(ListSource(noise_images(1, size=(24, 16))), 16, 3, center_crop=False, random_flip=True)
+    draws = torch.randint(2**62, (400,), generator=torch.Generator().manual_seed(0)).tolist()
+    assert len({dataset[(0, draw)].numpy().tobytes() for draw in draws}) == 18
 
 
 def test_cache_is_not_modified_by_augmentation():

@@ -86,13 +86,17 @@ def run(tmp_path: Path, **options) -> Path:
     return Path(options.get("output_dir", tmp_path / "out"))
 
 
-def image_folder(path: Path, count: int) -> Path:
-    """`count` random 12x10 RGB PNGs (resized and cropped to 8x8 by training)."""
+def image_folder(path: Path, count: int, size: tuple[int, int] = (12, 10)) -> Path:
+    """`count` random RGB PNGs of size (width, height): 12x10 are resized to 9x8 and randomly cropped to 8x8 by
+    training, on the host; 8x8 need no crop and go to the training device (--device_data)."""
     path.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for i in range(count):
-        Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(path / f"{i:03d}.png")
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path / f"{i:03d}.png")
     return path
+
+
+ON_THE_DEVICE = "one uint8 tensor on cpu: batches drawn there"
 
 
 def loss_on_call(number: int, change):
@@ -237,13 +241,17 @@ def test_lr_schedule_advances_once_per_optimizer_step_not_per_micro_batch(tmp_pa
 # Stopping and resuming
 
 
-def test_a_stopped_and_resumed_run_equals_the_uninterrupted_run_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("image_size, on_the_device", [((12, 10), False), ((8, 8), True)],
+                         ids=["dataloader", "device_data"])
+def test_a_stopped_and_resumed_run_equals_the_uninterrupted_run_bit_for_bit(image_size, on_the_device, tmp_path,
+                                                                            capsys):
     # 20 images in batches of 4 and 2 accumulation steps: 2.5 optimizer steps per epoch, so an epoch ends
     # inside step 3 and the resume point (after 6 batches) lies one batch into the second epoch
-    options = dict(model={**TINY_UNET, "dropout": 0.1}, train_data_dir=image_folder(tmp_path / "images", 20),
-                   use_ema=True, random_flip=True, gradient_accumulation_steps=2, max_train_steps=6,
-                   checkpointing_steps=3, save_images_epochs=1)
+    options = dict(model={**TINY_UNET, "dropout": 0.1}, use_ema=True, random_flip=True,
+                   train_data_dir=image_folder(tmp_path / "images", 20, image_size), gradient_accumulation_steps=2,
+                   max_train_steps=6, checkpointing_steps=3, save_images_epochs=1)
     uninterrupted = run(tmp_path, output_dir=tmp_path / "uninterrupted", **options)
+    assert (ON_THE_DEVICE in capsys.readouterr().out) == on_the_device
     state = checkpoint_at(uninterrupted, 3)["state"]
     assert (state["epoch"], state["epoch_batches"]) == (1, 1)
 
@@ -664,3 +672,77 @@ def test_a_checkpoint_set_aside_twice_keeps_both_copies(tmp_path):
     assert (tmp_path / "abandoned-checkpoint-9" / "origin").read_text() == "abandoned-checkpoint-9"
     assert (tmp_path / "abandoned-checkpoint-9-1" / "origin").read_text() == "checkpoint-9"
     assert [path.name for path in list_checkpoints(tmp_path)] == ["checkpoint-2"]
+
+
+# -----------------------------------------------------------------------------
+# Data on the training device (--device_data) and the device-dependent precision
+
+
+def test_square_images_are_batched_on_the_device_as_the_dataloader_batches_them(tmp_path, monkeypatch, capsys):
+    # 8 images in batches of 4: the 3 steps cross an epoch, with flips
+    options = dict(train_data_dir=image_folder(tmp_path / "images", 8, (8, 8)), max_train_steps=3, random_flip=True)
+    with_dataloader = run(tmp_path, output_dir=tmp_path / "dataloader", device_data=False, **options)
+
+    def no_dataloader(*args, **kwargs):
+        raise AssertionError("train.py built a DataLoader")
+
+    monkeypatch.setattr(train, "DataLoader", no_dataloader)
+    on_device = run(tmp_path, output_dir=tmp_path / "device", **options)
+    assert ON_THE_DEVICE in capsys.readouterr().out
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    assert_same_tensors(load_file(with_dataloader / weights), load_file(on_device / weights))
+
+
+def test_images_over_the_memory_limit_are_batched_by_a_dataloader_saying_why_in_one_line(tmp_path, monkeypatch,
+                                                                                         capsys):
+    monkeypatch.setattr(train, "CACHE_BYTES", 8 * 3 * 8 * 8 - 1)  # one byte short of 8 images of 3x8x8
+    out = run(tmp_path, train_data_dir=image_folder(tmp_path / "images", 8, (8, 8)), max_train_steps=2)
+    log = capsys.readouterr().out
+    [line] = [line for line in log.splitlines() if "DataLoader" in line]
+    assert line.startswith("the batches come from a DataLoader, not from the device: the decoded images are not in "
+                           "memory")
+    assert ON_THE_DEVICE not in log
+    assert list_checkpoints(out) == [out / "checkpoint-2"]
+
+
+def test_images_that_need_random_crops_are_batched_by_a_dataloader_saying_why(tmp_path, capsys):
+    run(tmp_path, train_data_dir=image_folder(tmp_path / "images", 8), max_train_steps=1)
+    assert ("the batches come from a DataLoader, not from the device: " + str(tmp_path / "images" / "000.png") +
+            " is 9x8 after resizing, not 8x8, so each batch needs random crops") in capsys.readouterr().out
+
+
+def test_the_cifar10_preset_trains_in_bf16_on_a_gpu_that_has_it_and_in_fp32_otherwise(monkeypatch):
+    assert train.parse_args(["--preset", "cifar10-32", "--device", "cpu"]).mixed_precision == "no"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for has_bf16, expected in ((True, "bf16"), (False, "no")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: has_bf16)
+        assert train.parse_args(["--preset", "cifar10-32", "--device", "cuda"]).mixed_precision == expected
+    given = train.parse_args(["--preset", "cifar10-32", "--device", "cuda", "--mixed_precision", "fp16"])
+    assert given.mixed_precision == "fp16"
+
+
+def test_the_device_dependent_precision_is_stated_in_help_and_in_the_start_summary(tmp_path, capsys):
+    assert "auto (the cifar10-32 preset's): bf16 on a GPU that has it, else no (fp32)" in \
+        " ".join(train.build_parser().format_help().split())
+    run(tmp_path, mixed_precision="auto", max_train_steps=1)
+    assert "on cpu, fp32 (--mixed_precision auto: bf16 on a GPU that has it, else fp32)" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_train_py_steps_between_logging_and_checkpoint_steps_never_wait_for_the_gpu(tmp_path, monkeypatch):
+    calls = []
+
+    def loss_checking_syncs(*args):
+        # "error" from the loss of step 3 to the loss of step 7: the whole of steps 3-6 but their batches, and
+        # the batches of steps 4-7 (40 images in batches of 4: no epoch ends, which checks the loss once)
+        calls.append(1)
+        torch.cuda.set_sync_debug_mode("error" if 3 <= len(calls) < 7 else "default")
+        return diffusion_loss(*args)
+
+    monkeypatch.setattr(train, "diffusion_loss", loss_checking_syncs)
+    try:
+        run(tmp_path, device="cuda", train_data_dir=image_folder(tmp_path / "images", 40, (8, 8)), max_train_steps=8,
+            logging_steps=100, checkpointing_steps=100, use_ema=True, mixed_precision="bf16", random_flip=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(calls) == 8
