@@ -447,7 +447,8 @@ def test_odd_image_modes_train_and_a_corrupt_file_is_reported_in_the_runs_output
     assert all(torch.isfinite(tensor).all() for tensor in checkpoint_at(out, 2)["model"].values())
     log = capsys.readouterr().out
     assert log.count("skipping unreadable image") == 1 and f"skipping unreadable image {images / 'broken.png'}" in log
-    assert f"imagefolder {images}: 5 images (decoded, in memory), 1 unreadable skipped;" in log
+    assert f"imagefolder {images}: 5 images (decoded, one uint8 tensor on cpu: batches drawn there), " \
+           "1 unreadable skipped;" in log
 
 
 def test_an_unreadable_file_read_by_a_dataloader_worker_is_reported_once_with_warnings_ignored(tmp_path, capfd):
