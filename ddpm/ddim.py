@@ -64,7 +64,7 @@ class DDIMScheduler:
 
     def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,
              eta: float = 0.0, use_clipped_model_output: bool = False,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
         """One DDIM step from x_t to x_prev (DDIM Eq. 12), returned as a tensor.
 
         eta = 0 is deterministic DDIM; eta = 1 has DDPM's posterior variance. Noise is drawn

@@ -148,10 +148,14 @@ def dynamic_threshold(sample: torch.Tensor, ratio: float, max_value: float) -> t
     return flat.reshape(batch, channels, *rest).to(dtype)
 
 
-def randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device,
-          dtype: torch.dtype) -> torch.Tensor:
+def randn(shape: tuple[int, ...], generator: torch.Generator | list[torch.Generator] | None,
+          device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Standard normal noise. A CPU generator draws on the CPU and the result moves to `device`,
-    so one seed gives the same numbers on any device (as diffusers' randn_tensor)."""
+    so one seed gives the same numbers on any device (as diffusers' randn_tensor). A list of
+    generators, one per image, draws image i's noise from generator i alone (as randn_tensor too)."""
+    if isinstance(generator, list):
+        draws = [torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]
+        return torch.cat(draws).to(device)
     draw_device = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
 
@@ -210,7 +214,7 @@ class DDPMScheduler:
         return int(self.timesteps[index + 1]) if index + 1 < len(self.timesteps) else -1
 
     def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
         """One step of DDPM Algorithm 2: sample x_{t-1} ~ p(x_{t-1} | x_t), returned as a tensor.
 
         With fewer inference steps the step goes from t to the previous visited timestep p,
