@@ -1,5 +1,6 @@
 """Sampling: DDPM Algorithm 2 or DDIM (Eq. 12), run exactly as diffusers' DDPMPipeline and DDIMPipeline run them."""
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -49,3 +50,15 @@ def generate(unet: nn.Module, scheduler: DDPMScheduler | DDIMScheduler, batch_si
     unet.train(was_training)
     # Algorithm 2, line 6: return x_0, mapped from [-1, 1] to [0, 1]
     return (x / 2 + 0.5).clamp(0, 1).float().cpu()
+
+
+def image_generators(seed: int, indices: list[int]) -> list[torch.Generator]:
+    """One CPU generator per image, so that image i's noise depends on (seed, i) alone, not on the batch.
+
+    torch's CPU generator keeps 32 bits of its seed, so image i gets seed (start + i) mod 2^32 with `start`
+    hashed from `seed`: the images of one run never share noise, and runs with different seeds almost surely
+    do not overlap (the chance is about 2 x num_images / 2^32). `generate(unet, scheduler, 1,
+    image_generators(seed, [i]))` redraws image i alone.
+    """
+    start = int(np.random.SeedSequence(seed).generate_state(1)[0])
+    return [torch.Generator().manual_seed((start + i) % 2**32) for i in indices]
