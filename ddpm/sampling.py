@@ -27,7 +27,8 @@ def generate(unet: nn.Module, scheduler: DDPMScheduler | DDIMScheduler, batch_si
         raise ValueError(f"generate: eta={eta} needs a DDIMScheduler; the {type(scheduler).__name__} has no eta "
                          "(DDPM's own noise is DDIM's eta = 1)")
     if isinstance(generator, list) and len(generator) != batch_size:
-        raise ValueError(f"generate: {len(generator)} generators for a batch of {batch_size} images; pass one per image")
+        raise ValueError(f"generate: {len(generator)} generators for a batch of {batch_size} images; "
+                         "pass one per image")
     if num_inference_steps is None:
         num_inference_steps = 50 if is_ddim else 1000  # the pipelines' defaults
     config = unwrap_model(unet).config

@@ -23,7 +23,8 @@ SAMPLE_PY = REPO / "sample.py"
 SEED, NUM_IMAGES, STEPS = 3, 5, 10
 
 
-def run_sample(*args: str, launcher: list[str] | None = None, cwd: Path = REPO, **env: str) -> subprocess.CompletedProcess:
+def run_sample(*args: str, launcher: list[str] | None = None, cwd: Path = REPO,
+               **env: str) -> subprocess.CompletedProcess:
     command = [sys.executable, *(["-m", "torch.distributed.run", *launcher] if launcher else []), str(SAMPLE_PY), *args]
     return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=300,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env})
