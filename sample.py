@@ -34,6 +34,7 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from ddpm import DDIMScheduler, DDPMScheduler, PipelineLoadError, distributed, generate, load_pipeline
+from ddpm.fast_sampling import FastUNet
 from ddpm.pipeline_io import write_temporary
 from ddpm.sampling import image_generators
 
@@ -61,6 +62,10 @@ parser.add_argument("--outdir", default=None,
                          "(default: no single images)")
 parser.add_argument("--compile", action="store_true",
                     help="torch.compile the UNet (pays off over many steps; the first step compiles)")
+parser.add_argument("--bf16", action="store_true",
+                    help="run the UNet in bf16 autocast; x_t and the scheduler stay fp32 (pixels differ a little)")
+parser.add_argument("--cuda_graph", action="store_true",
+                    help="replay each denoising forward from a CUDA graph (GPU only; the same pixels as without)")
 args = parser.parse_args()
 
 
@@ -90,6 +95,10 @@ if many_images and args.seed < 0:
     parser.error(f"--seed must be >= 0 in many-images mode, got {args.seed}")
 if args.device == "cuda" and not torch.cuda.is_available():
     parser.error("--device cuda: no CUDA GPU is available here; use --device cpu")
+if args.cuda_graph and args.device != "cuda":
+    parser.error(f"--cuda_graph needs a CUDA GPU, and the device is {args.device}")
+if args.cuda_graph and args.compile:
+    parser.error("--cuda_graph and --compile: choose one")
 if Path(args.output).suffix.lower() not in Image.registered_extensions():
     parser.error(f"--output {args.output!r}: unknown image file extension; use e.g. .png")
 if "WORLD_SIZE" in os.environ and not many_images:
@@ -128,6 +137,8 @@ if args.compile:
     # the CPU prepacks the convolutions' weights): a denoising forward ran 1.19x eager diffusers' speed
     # on a CPU with it, 0.90x without (docs/benchmarks.md)
     unet = torch.compile(unet, options={"freezing": True})
+if args.bf16 or args.cuda_graph:
+    unet = FastUNet(unet, torch.bfloat16 if args.bf16 else None, cuda_graph=args.cuda_graph)
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:

@@ -134,6 +134,7 @@ BAD_INPUT = {
     "eta_above_1": (["--sampler", "ddim", "--eta", "1.5"], {}, "--eta must be in [0, 1], got 1.5"),
     "eta_with_ddpm": (["--eta", "0.5"], {}, "--eta 0.5 needs --sampler ddim"),
     "unknown_sampler": (["--sampler", "pndm"], {}, "invalid choice: 'pndm'"),
+    "cuda_graph_on_cpu": (["--device", "cpu", "--cuda_graph"], {}, "--cuda_graph needs a CUDA GPU"),
     "grid_under_torchrun": ([], {"WORLD_SIZE": "2"}, "under torchrun, give --outdir without --output"),
 }
 
