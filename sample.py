@@ -17,11 +17,13 @@ Many-images mode (--outdir without --output): OUTDIR/000000.png, 000001.png, ...
 has a generator of its own, seeded from (seed, i) (ddpm.sampling.image_generators), so its noise is
 the same whatever the batch size or number of processes (the pixels too, up to the float rounding of a
 batched forward pass: a value may rarely differ by 1/255). Under torchrun each process draws its share.
-Images already in OUTDIR are skipped, so a stopped run continues where it stopped when started again;
-each PNG is written under a temporary name and renamed when complete.
+Images already in OUTDIR are skipped, so a stopped run continues where it stopped when started again
+(OUTDIR/sample_settings.json records the settings, and a run with others is refused); each PNG is
+written under a temporary name and renamed when complete.
 """
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -157,12 +159,23 @@ if many_images:
     outdir.mkdir(parents=True, exist_ok=True)
     digits = max(6, len(str(args.num_images - 1)))
     names = [f"{i:0{digits}d}.png" for i in range(args.num_images)]
+    # what fixes image i besides (seed, i): a resumed run must not mix in images of other settings
+    settings = {"model": os.path.abspath(model_dir) if os.path.exists(args.model_dir) else args.model_dir,
+                "seed": args.seed, "sampler": args.sampler, "num_inference_steps": args.num_inference_steps,
+                "eta": args.eta, "bf16": args.bf16}
+    settings_path = outdir / "sample_settings.json"
+    if settings_path.exists() and json.loads(settings_path.read_text()) != settings:
+        error(f"{outdir}/ holds images drawn with other settings ({settings_path.read_text().strip()}); "
+              "use another --outdir, or the same settings to continue that run")
     if ctx.is_main:
         for stale in outdir.glob(".*.png.tmp-*"):  # left by a stopped run, before any process writes again
             stale.unlink(missing_ok=True)
     present = set(os.listdir(outdir))
     missing = [i for i, name in enumerate(names) if name not in present]
-    distributed.barrier(ctx)  # every process has listed the folder before any writes to it
+    distributed.barrier(ctx)  # every process has read the folder before any writes to it
+    if ctx.is_main and not settings_path.exists():
+        os.replace(write_temporary(settings_path, lambda tmp: tmp.write_text(json.dumps(settings) + "\n")),
+                   settings_path)
     mine = missing[ctx.rank::ctx.world_size]
     if ctx.is_main:
         share = "" if ctx.world_size == 1 else "; the progress bar counts this process's share"

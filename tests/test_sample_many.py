@@ -69,8 +69,9 @@ def one_process_run(model_dir, tmp_path_factory) -> Path:
     return outdir
 
 
-def test_many_images_mode_writes_one_png_per_image_and_no_grid(one_process_run):
-    assert sorted(os.listdir(one_process_run)) == [f"{i:06d}.png" for i in range(NUM_IMAGES)]
+def test_many_images_mode_writes_one_png_per_image_its_settings_and_no_grid(one_process_run):
+    pngs = [f"{i:06d}.png" for i in range(NUM_IMAGES)]
+    assert sorted(os.listdir(one_process_run)) == pngs + ["sample_settings.json"]
     assert os.listdir(one_process_run.parent) == ["samples"]  # the working directory: no grid.png
 
 
@@ -86,7 +87,7 @@ def test_two_torchrun_processes_draw_the_images_one_process_draws(one_process_ru
                         launcher=["--standalone", "--nproc_per_node=2"])
     assert result.returncode == 0, result.stdout + result.stderr
     assert sorted(os.listdir(outdir)) == sorted(os.listdir(one_process_run))
-    for name in os.listdir(outdir):
+    for name in (path.name for path in outdir.glob("*.png")):
         assert_equal_up_to_batch_rounding(pixels(outdir / name), pixels(one_process_run / name))
 
 
@@ -113,10 +114,17 @@ def test_a_stopped_run_started_again_draws_only_the_missing_images(model_dir, tm
                             timeout=300)
     assert result.returncode == 0, result.stderr
     assert f"{len(written)} of {count} images already in" in result.stderr
-    assert sorted(os.listdir(outdir)) == [f"{i:06d}.png" for i in range(count)]
+    assert sorted(os.listdir(outdir)) == [f"{i:06d}.png" for i in range(count)] + ["sample_settings.json"]
     assert {name: (outdir / name).stat().st_mtime_ns for name in written} == written  # not drawn again
     for i, expected in enumerate(reference_pixels(model_dir, range(count), steps, DDIMScheduler())):
         assert np.array_equal(pixels(outdir / f"{i:06d}.png"), expected), f"image {i}"
+
+
+def test_continuing_a_folder_with_another_seed_is_a_one_line_error(one_process_run, model_dir):
+    result = run_sample(*many_images_args(model_dir, one_process_run, batch_size=2), "--seed", str(SEED + 1))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith(f"sample.py: error: {one_process_run}/ holds images drawn with other settings")
 
 
 def test_ddim_grid_equals_ddim_pipeline_with_its_default_50_steps(model_dir, tmp_path):
