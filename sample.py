@@ -1,16 +1,29 @@
-"""Draw images from a trained DDPM and save them as a grid (and, optionally, one PNG each).
+"""Draw images from a trained DDPM with the DDPM or DDIM sampler: a grid, or many single PNGs (for FID).
 
     python sample.py output/ --num_images 16 --seed 0 --output grid.png
-    python sample.py google/ddpm-cifar10-32 --num_images 64 --batch_size 16 --outdir samples/
+    python sample.py output/ --sampler ddim --num_images 16 --output grid.png       # 50 DDIM steps
+    python sample.py google/ddpm-cifar10-32 --num_images 50000 --batch_size 500 --outdir samples/
+    torchrun --standalone --nproc_per_node=8 sample.py output/ --num_images 50000 --batch_size 500 --outdir samples/
 
-MODEL_DIR is a DDPMPipeline folder (ours or diffusers') or a Hugging Face Hub repo id.
-With the default batch_size (= num_images) the pixels equal diffusers'
-DDPMPipeline(batch_size=num_images, generator=torch.manual_seed(seed)). Smaller batches
-are drawn one after another from that one generator, seeded once, so they differ from
-DDPMPipeline's single batch but are still fixed by the seed.
+MODEL_DIR is a DDPMPipeline or DDIMPipeline folder (ours or diffusers') or a Hugging Face Hub repo id.
+
+Grid mode (--output, the default): with the default batch_size (= num_images) the pixels equal diffusers'
+DDPMPipeline(batch_size=num_images, generator=torch.manual_seed(seed)), or with --sampler ddim
+DDIMPipeline(..., eta=eta, num_inference_steps=n). Smaller batches are drawn one after another from that
+one generator, seeded once, so they differ from the pipeline's single batch but are still fixed by the seed.
+--outdir then also writes each image of the grid.
+
+Many-images mode (--outdir without --output): OUTDIR/000000.png, 000001.png, ... and no grid. Image i
+has a generator of its own, seeded from (seed, i) (ddpm.sampling.image_generators), so its noise is
+the same whatever the batch size or number of processes (the pixels too, up to the float rounding of a
+batched forward pass: a value may rarely differ by 1/255). Under torchrun each process draws its share.
+Images already in OUTDIR are skipped, so a stopped run continues where it stopped when started again
+(OUTDIR/sample_settings.json records the settings, and a run with others is refused); each PNG is
+written under a temporary name and renamed when complete.
 """
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -20,25 +33,41 @@ from typing import NoReturn
 import torch
 from PIL import Image
 from torchvision.utils import make_grid
+from tqdm import tqdm
 
-from ddpm import PipelineLoadError, generate, load_pipeline
+from ddpm import DDIMScheduler, DDPMScheduler, PipelineLoadError, distributed, generate, load_pipeline
+from ddpm.fast_sampling import FastUNet
+from ddpm.pipeline_io import write_temporary
+from ddpm.sampling import image_generators
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("model_dir", metavar="MODEL_DIR", help="DDPMPipeline folder or Hugging Face Hub repo id")
 parser.add_argument("--num_images", type=int, default=16, help="how many images to draw (default: %(default)s)")
 parser.add_argument("--seed", type=int, default=0,
                     help="seed of the one torch.Generator all noise comes from (default: %(default)s)")
-parser.add_argument("--num_inference_steps", type=int, default=1000,
-                    help="denoising steps, at most the training timesteps (default: %(default)s)")
-parser.add_argument("--batch_size", type=int, default=None, help="images per forward pass (default: num_images)")
+parser.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm",
+                    help="DDPM (Ho et al. 2020) or DDIM (Song et al. 2021) steps (default: %(default)s)")
+parser.add_argument("--eta", type=float, default=0.0,
+                    help="DDIM noise in [0, 1]: 0 deterministic, 1 DDPM's variance; --sampler ddim only "
+                         "(default: %(default)s)")
+parser.add_argument("--num_inference_steps", type=int, default=None,
+                    help="denoising steps, at most the training timesteps (default: 1000 for ddpm, 50 for ddim)")
+parser.add_argument("--batch_size", type=int, default=None,
+                    help="images per forward pass (default: num_images; in many-images mode at most 64)")
 parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
                     help="where the UNet runs (default: cuda if available, else cpu)")
-parser.add_argument("--output", default="grid.png",
-                    help="grid image file, ceil(sqrt(n)) images per row (default: %(default)s)")
+parser.add_argument("--output", default=None,
+                    help="grid image file, ceil(sqrt(n)) images per row (default: grid.png; "
+                         "no grid when --outdir is given without --output)")
 parser.add_argument("--outdir", default=None,
-                    help="also write each image as OUTDIR/0000.png, 0001.png, ... (default: no single images)")
+                    help="write each image as a PNG there; without --output, many-images mode "
+                         "(default: no single images)")
 parser.add_argument("--compile", action="store_true",
                     help="torch.compile the UNet (pays off over many steps; the first step compiles)")
+parser.add_argument("--bf16", action="store_true",
+                    help="run the UNet in bf16 autocast; x_t and the scheduler stay fp32 (pixels differ a little)")
+parser.add_argument("--cuda_graph", action="store_true",
+                    help="replay each denoising forward from a CUDA graph (GPU only; the same pixels as without)")
 args = parser.parse_args()
 
 
@@ -47,7 +76,12 @@ def error(message: str) -> NoReturn:
     sys.exit(f"sample.py: error: {message}")
 
 
-args.batch_size = args.batch_size or args.num_images
+many_images = args.outdir is not None and args.output is None
+args.output = args.output or "grid.png"
+if args.batch_size is None:
+    args.batch_size = min(args.num_images, 64) if many_images else args.num_images
+if args.num_inference_steps is None:
+    args.num_inference_steps = 50 if args.sampler == "ddim" else 1000
 args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 if args.num_images < 1:
     parser.error(f"--num_images must be at least 1, got {args.num_images}")
@@ -55,10 +89,22 @@ if args.batch_size < 1:
     parser.error(f"--batch_size must be at least 1, got {args.batch_size}")
 if args.num_inference_steps < 1:
     parser.error(f"--num_inference_steps must be at least 1, got {args.num_inference_steps}")
+if not 0 <= args.eta <= 1:
+    parser.error(f"--eta must be in [0, 1], got {args.eta}")
+if args.eta != 0 and args.sampler != "ddim":
+    parser.error(f"--eta {args.eta} needs --sampler ddim (DDPM's own noise is DDIM's eta = 1)")
+if many_images and args.seed < 0:
+    parser.error(f"--seed must be >= 0 in many-images mode, got {args.seed}")
 if args.device == "cuda" and not torch.cuda.is_available():
     parser.error("--device cuda: no CUDA GPU is available here; use --device cpu")
+if args.cuda_graph and args.device != "cuda":
+    parser.error(f"--cuda_graph needs a CUDA GPU, and the device is {args.device}")
+if args.cuda_graph and args.compile:
+    parser.error("--cuda_graph and --compile: choose one")
 if Path(args.output).suffix.lower() not in Image.registered_extensions():
     parser.error(f"--output {args.output!r}: unknown image file extension; use e.g. .png")
+if "WORLD_SIZE" in os.environ and not many_images:
+    parser.error("under torchrun, give --outdir without --output: only many-images mode splits the work")
 
 # A local folder, or else a Hub repo id to download (into the Hugging Face cache).
 model_dir = args.model_dir
@@ -78,19 +124,77 @@ if not os.path.exists(model_dir):
               f"from the Hugging Face Hub: {reason}")
 
 try:
-    unet, scheduler = load_pipeline(model_dir, dtype=torch.float32)
+    unet, scheduler = load_pipeline(model_dir, dtype=torch.float32,
+                                    scheduler_class=DDIMScheduler if args.sampler == "ddim" else DDPMScheduler)
 except PipelineLoadError as exc:
     error(str(exc))
-unet.to(args.device)
+num_train_timesteps = scheduler.config["num_train_timesteps"]
+if args.num_inference_steps > num_train_timesteps:
+    error(f"--num_inference_steps {args.num_inference_steps} exceeds the {num_train_timesteps} "
+          f"training timesteps of {args.model_dir!r}")
+ctx = distributed.setup(args.device, timeout_s=1800)  # one process per GPU under torchrun
+unet.to(ctx.device)
 if args.compile:
     # freezing: the weights stay fixed while sampling, so inductor folds them in as constants (and on
     # the CPU prepacks the convolutions' weights): a denoising forward ran 1.19x eager diffusers' speed
     # on a CPU with it, 0.90x without (docs/benchmarks.md)
     unet = torch.compile(unet, options={"freezing": True})
-num_train_timesteps = scheduler.config["num_train_timesteps"]
-if args.num_inference_steps > num_train_timesteps:
-    error(f"--num_inference_steps {args.num_inference_steps} exceeds the {num_train_timesteps} "
-          f"training timesteps of {args.model_dir!r}")
+if args.bf16 or args.cuda_graph:
+    unet = FastUNet(unet, torch.bfloat16 if args.bf16 else None, cuda_graph=args.cuda_graph)
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """(C, H, W) in [0, 1] to a PIL image, rounded as DDPMPipeline's numpy_to_pil: (x * 255).round()."""
+    pixels = (image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)  # 1 channel: mode "L"
+
+
+def draw(batch_size: int, generator: torch.Generator | list[torch.Generator], progress: bool) -> torch.Tensor:
+    return generate(unet, scheduler, batch_size, generator=generator, num_inference_steps=args.num_inference_steps,
+                    eta=args.eta, progress=progress)
+
+
+if many_images:
+    outdir = Path(args.outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    digits = max(6, len(str(args.num_images - 1)))
+    names = [f"{i:0{digits}d}.png" for i in range(args.num_images)]
+    # what fixes image i besides (seed, i): a resumed run must not mix in images of other settings
+    settings = {"model": os.path.abspath(model_dir) if os.path.exists(args.model_dir) else args.model_dir,
+                "seed": args.seed, "sampler": args.sampler, "num_inference_steps": args.num_inference_steps,
+                "eta": args.eta, "bf16": args.bf16}
+    settings_path = outdir / "sample_settings.json"
+    if settings_path.exists() and json.loads(settings_path.read_text()) != settings:
+        error(f"{outdir}/ holds images drawn with other settings ({settings_path.read_text().strip()}); "
+              "use another --outdir, or the same settings to continue that run")
+    if ctx.is_main:
+        for stale in outdir.glob(".*.png.tmp-*"):  # left by a stopped run, before any process writes again
+            stale.unlink(missing_ok=True)
+    present = set(os.listdir(outdir))
+    missing = [i for i, name in enumerate(names) if name not in present]
+    distributed.barrier(ctx)  # every process has read the folder before any writes to it
+    if ctx.is_main and not settings_path.exists():
+        os.replace(write_temporary(settings_path, lambda tmp: tmp.write_text(json.dumps(settings) + "\n")),
+                   settings_path)
+    mine = missing[ctx.rank::ctx.world_size]
+    if ctx.is_main:
+        share = "" if ctx.world_size == 1 else "; the progress bar counts this process's share"
+        print(f"{args.num_images - len(missing)} of {args.num_images} images already in {outdir}/; drawing "
+              f"{len(missing)} in {ctx.world_size} process(es), {args.sampler} with {args.num_inference_steps} "
+              f"steps{share}", file=sys.stderr)
+    with tqdm(total=len(mine), unit="image", desc="images", disable=not ctx.is_main) as bar:
+        for start in range(0, len(mine), args.batch_size):
+            indices = mine[start:start + args.batch_size]
+            images = draw(len(indices), image_generators(args.seed, indices), progress=ctx.is_main)
+            for i, image in zip(indices, images):
+                path = outdir / names[i]
+                os.replace(write_temporary(path, lambda tmp, image=image: to_pil(image).save(tmp, format="PNG")), path)
+            bar.update(len(indices))
+    distributed.barrier(ctx)
+    if ctx.is_main:
+        print(f"wrote {len(missing)} images to {outdir}/ ({args.num_images} there in all)")
+    distributed.cleanup(ctx)
+    sys.exit(0)
 
 Path(args.output).parent.mkdir(parents=True, exist_ok=True)
 if args.outdir is not None:
@@ -103,16 +207,8 @@ batches = []
 for start in range(0, args.num_images, args.batch_size):
     batch_size = min(args.batch_size, args.num_images - start)
     print(f"sampling images {start}..{start + batch_size - 1} of {args.num_images}", file=sys.stderr)
-    batches.append(generate(unet, scheduler, batch_size, generator=generator,
-                            num_inference_steps=args.num_inference_steps, progress=True))
+    batches.append(draw(batch_size, generator, progress=True))
 images = torch.cat(batches)  # (N, C, H, W) in [0, 1]
-
-
-def to_pil(image: torch.Tensor) -> Image.Image:
-    """(C, H, W) in [0, 1] to a PIL image, rounded as DDPMPipeline's numpy_to_pil: (x * 255).round()."""
-    pixels = (image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)  # 1 channel: mode "L"
-
 
 grid = make_grid(images, nrow=math.ceil(math.sqrt(args.num_images)))
 to_pil(grid).save(args.output)

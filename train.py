@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
-from ddpm import DDPMScheduler, UNet2DModel, generate, save_pipeline
+from ddpm import DDIMScheduler, DDPMScheduler, UNet2DModel, generate, save_pipeline
 from ddpm import distributed, hub
 from ddpm.checkpoint import (CheckpointError, capture_rng_state, list_checkpoints, load_checkpoint,
                              restore_rng_state, save_checkpoint, set_aside_checkpoints_after)
@@ -113,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--snr_gamma", type=float, default=None,
         help="min-SNR-gamma loss weighting (Hang et al. 2023; 5 is the paper's choice); off when not given")
     add("--ddpm_num_steps", type=int, default=1000, help="T, the number of diffusion steps")
-    add("--ddpm_num_inference_steps", type=int, default=None, help="denoising steps for sample grids")
+    add("--ddpm_num_inference_steps", type=int, default=None,
+        help="denoising steps for sample grids (with --sampler ddim, 50 unless given)")
+    add("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="the sampler that draws the sample grids")
     add("--ddpm_beta_schedule", default="linear", choices=["linear", "scaled_linear", "squaredcos_cap_v2"])
     add("--checkpointing_steps", type=int, default=500, help="write a checkpoint every N optimizer steps")
     add("--checkpoints_total_limit", type=int, default=None, help="keep at most N checkpoints")
@@ -145,6 +147,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.model_config = dict(PRESETS[preset_name]["model"])
     args.use_ema = bool(args.use_ema)
     args.random_flip = bool(args.random_flip)
+    if args.sampler == "ddim" and given.ddpm_num_inference_steps is None:
+        args.ddpm_num_inference_steps = min(50, args.ddpm_num_steps)  # DDIMPipeline's default, not the preset's 1000
 
     def positive(name):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -403,7 +407,8 @@ def main(argv=None) -> None:
 
     def save_samples(weights: torch.nn.Module, epoch_number: int) -> None:
         # a fixed seed, so grids are comparable over the run
-        images = generate(weights, scheduler, args.eval_batch_size, torch.Generator().manual_seed(args.seed),
+        grid_scheduler = DDIMScheduler.from_config(scheduler.config) if args.sampler == "ddim" else scheduler
+        images = generate(weights, grid_scheduler, args.eval_batch_size, torch.Generator().manual_seed(args.seed),
                           args.ddpm_num_inference_steps, progress=True)
         grid = make_grid(images, nrow=math.ceil(math.sqrt(len(images))))
         (output_dir / "samples").mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,10 @@
 """ddpm: DDPM (Ho et al. 2020) image diffusion in plain PyTorch, compatible with diffusers' folders."""
 
+from .ddim import DDIMScheduler
 from .pipeline_io import PipelineLoadError, load_pipeline, save_pipeline
 from .sampling import generate
 from .scheduler import DDPMScheduler
 from .unet import UNet2DModel
 
-__all__ = ["UNet2DModel", "DDPMScheduler", "save_pipeline", "load_pipeline", "generate", "PipelineLoadError"]
+__all__ = ["UNet2DModel", "DDPMScheduler", "DDIMScheduler", "save_pipeline", "load_pipeline", "generate",
+           "PipelineLoadError"]

@@ -21,6 +21,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .ddim import DEFAULT_CONFIG as DDIM_DEFAULTS
+from .ddim import DDIMScheduler
 from .scheduler import DEFAULT_CONFIG as SCHEDULER_DEFAULTS
 from .scheduler import DDPMScheduler
 from .unet import DEFAULT_CONFIG as UNET_DEFAULTS
@@ -93,9 +95,11 @@ def strip_wrapper_prefixes(name: str) -> str:
     return name
 
 
-def load_pipeline(directory: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                  device: str | torch.device = "cpu") -> tuple[UNet2DModel, DDPMScheduler]:
-    """Read a DDPMPipeline folder (ours, diffusers', or the legacy flat hub layout) into (unet, scheduler)."""
+def load_pipeline(directory: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                  scheduler_class: type[DDPMScheduler | DDIMScheduler] = DDPMScheduler,
+                  ) -> tuple[UNet2DModel, DDPMScheduler | DDIMScheduler]:
+    """Read a DDPMPipeline or DDIMPipeline folder (ours, diffusers', or the legacy flat hub layout) into
+    (unet, scheduler); the scheduler is a `scheduler_class` built from the folder's scheduler config."""
     directory = Path(directory)
     if not directory.is_dir():
         raise PipelineLoadError(f"pipeline folder {str(directory)!r} does not exist")
@@ -105,10 +109,12 @@ def load_pipeline(directory: str | os.PathLike, dtype: torch.dtype = torch.float
         unet_dir, scheduler_path = directory, directory / "scheduler_config.json"
 
     unet_config = read_config(unet_dir / "config.json", "UNet2DModel")
-    scheduler_config = read_config(scheduler_path, "DDPMScheduler")
+    scheduler_config = read_config(scheduler_path, "DDPMScheduler", "DDIMScheduler")
     try:
         unet = UNet2DModel(**keep_known_keys(unet_config, UNET_DEFAULTS, unet_dir / "config.json"))
-        scheduler = DDPMScheduler(**keep_known_keys(scheduler_config, SCHEDULER_DEFAULTS, scheduler_path))
+        # a DDPM config read by the DDIM scheduler (or the other way) drops the other's keys silently, as diffusers
+        scheduler = scheduler_class.from_config(
+            keep_known_keys(scheduler_config, {**SCHEDULER_DEFAULTS, **DDIM_DEFAULTS}, scheduler_path))
     except ValueError as error:
         raise PipelineLoadError(f"{directory}: {error}") from None
 
@@ -118,8 +124,8 @@ def load_pipeline(directory: str | os.PathLike, dtype: torch.dtype = torch.float
     return unet.to(device=device, dtype=dtype).eval(), scheduler
 
 
-def read_config(path: Path, class_name: str) -> dict[str, Any]:
-    """A config JSON file as a dict, without diffusers' private `_` keys."""
+def read_config(path: Path, *class_names: str) -> dict[str, Any]:
+    """A config JSON file of one of `class_names` as a dict, without diffusers' private `_` keys."""
     if not path.is_file():
         raise PipelineLoadError(f"missing config file {str(path)!r}")
     try:
@@ -128,9 +134,10 @@ def read_config(path: Path, class_name: str) -> dict[str, Any]:
         raise PipelineLoadError(f"cannot parse config file {str(path)!r}: {error}") from None
     if not isinstance(config, dict):
         raise PipelineLoadError(f"config file {str(path)!r} does not hold a JSON object")
-    found = config.get("_class_name", class_name)
-    if found != class_name:
-        raise PipelineLoadError(f"config file {str(path)!r} describes a {found}, expected a {class_name}")
+    found = config.get("_class_name", class_names[0])
+    if found not in class_names:
+        expected = " or a ".join(class_names)
+        raise PipelineLoadError(f"config file {str(path)!r} describes a {found}, expected a {expected}")
     return {key: value for key, value in config.items() if not key.startswith("_")}
 
 

@@ -1,22 +1,36 @@
-"""Sampling: DDPM Algorithm 2, run exactly as diffusers' DDPMPipeline runs it."""
+"""Sampling: DDPM Algorithm 2 or DDIM (Eq. 12), run exactly as diffusers' DDPMPipeline and DDIMPipeline run them."""
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .ddim import DDIMScheduler
 from .scheduler import DDPMScheduler, randn
 from .unet import unwrap_model
 
 
 @torch.inference_mode()
-def generate(unet: nn.Module, scheduler: DDPMScheduler, batch_size: int, generator: torch.Generator | None = None,
-             num_inference_steps: int = 1000, progress: bool = False) -> torch.Tensor:
+def generate(unet: nn.Module, scheduler: DDPMScheduler | DDIMScheduler, batch_size: int,
+             generator: torch.Generator | list[torch.Generator] | None = None,
+             num_inference_steps: int | None = None, eta: float = 0.0, progress: bool = False) -> torch.Tensor:
     """Draw `batch_size` images; returns a CPU float tensor (B, C, H, W) in [0, 1].
 
     The same weights and `generator=torch.manual_seed(s)` give the same pixels as
-    `DDPMPipeline(...)(batch_size, generator=torch.manual_seed(s), output_type="np")`:
-    one draw for x_T, then one per step with t > 0, in that order.
+    `DDPMPipeline(...)(batch_size, generator=torch.manual_seed(s), output_type="np")` (1000 steps by default),
+    or with a DDIMScheduler as `DDIMPipeline(...)(batch_size, generator=..., eta=eta)` (50 steps by default):
+    one draw for x_T, then one per step that adds noise, in that order. A list of generators, one per image,
+    draws each image's noise from its own generator, as those pipelines do with such a list.
     """
+    is_ddim = isinstance(scheduler, DDIMScheduler)
+    if eta != 0 and not is_ddim:
+        raise ValueError(f"generate: eta={eta} needs a DDIMScheduler; the {type(scheduler).__name__} has no eta "
+                         "(DDPM's own noise is DDIM's eta = 1)")
+    if isinstance(generator, list) and len(generator) != batch_size:
+        raise ValueError(f"generate: {len(generator)} generators for a batch of {batch_size} images; "
+                         "pass one per image")
+    if num_inference_steps is None:
+        num_inference_steps = 50 if is_ddim else 1000  # the pipelines' defaults
     config = unwrap_model(unet).config
     size = config["sample_size"]
     if size is None:
@@ -29,10 +43,23 @@ def generate(unet: nn.Module, scheduler: DDPMScheduler, batch_size: int, generat
     # Algorithm 2, line 1: x_T ~ N(0, I)
     x = randn((batch_size, config["in_channels"], height, width), generator, parameter.device, parameter.dtype)
     scheduler.set_timesteps(num_inference_steps)
-    # Algorithm 2, lines 2-5: for t = T..1, x_{t-1} = mu_theta(x_t, t) + sigma_t z
+    step_options = {"eta": eta} if is_ddim else {}
+    # Algorithm 2, lines 2-5: for t = T..1, x_{t-1} = mu_theta(x_t, t) + sigma_t z (DDIM: Eq. 12 over the tau_i)
     for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
         model_output = unet(x, t)
-        x = scheduler.step(model_output, t, x, generator=generator)
+        x = scheduler.step(model_output, t, x, generator=generator, **step_options)
     unet.train(was_training)
     # Algorithm 2, line 6: return x_0, mapped from [-1, 1] to [0, 1]
     return (x / 2 + 0.5).clamp(0, 1).float().cpu()
+
+
+def image_generators(seed: int, indices: list[int]) -> list[torch.Generator]:
+    """One CPU generator per image, so that image i's noise depends on (seed, i) alone, not on the batch.
+
+    torch's CPU generator keeps 32 bits of its seed, so image i gets seed (start + i) mod 2^32 with `start`
+    hashed from `seed`: the images of one run never share noise, and runs with different seeds almost surely
+    do not overlap (the chance is about 2 x num_images / 2^32). `generate(unet, scheduler, 1,
+    image_generators(seed, [i]))` redraws image i alone.
+    """
+    start = int(np.random.SeedSequence(seed).generate_state(1)[0])
+    return [torch.Generator().manual_seed((start + i) % 2**32) for i in indices]

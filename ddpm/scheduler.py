@@ -5,6 +5,7 @@ coefficients stay 0-d float32 tensors, in diffusers' order of operations, so res
 """
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -59,10 +60,102 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     return 1 - alphas
 
 
-def randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device,
-          dtype: torch.dtype) -> torch.Tensor:
+def checked_config(name: str, config: dict[str, Any], defaults: dict[str, Any],
+                   supported: dict[str, tuple[str, ...]]) -> dict[str, Any]:
+    """`defaults` updated with `config`; unknown keys and unsupported values are a ValueError naming them."""
+    unknown = sorted(set(config) - set(defaults))
+    if unknown:
+        raise ValueError(f"{name}: unknown config key(s) {unknown}; known keys are {sorted(defaults)}")
+    cfg = {**defaults, **config}
+    for key, allowed in supported.items():
+        if cfg[key] not in allowed and not (key == "beta_schedule" and cfg["trained_betas"] is not None):
+            raise ValueError(f"{name}: unsupported {key}={cfg[key]!r}; choose one of {list(allowed)}")
+    T = cfg["num_train_timesteps"]
+    if not isinstance(T, int) or T < 1:
+        raise ValueError(f"{name}: num_train_timesteps must be a positive integer, got {T!r}")
+    if cfg["trained_betas"] is not None:
+        cfg["trained_betas"] = [float(b) for b in cfg["trained_betas"]]
+        if len(cfg["trained_betas"]) != T:
+            raise ValueError(f"{name}: trained_betas has {len(cfg['trained_betas'])} values, "
+                             f"num_train_timesteps is {T}")
+    return cfg
+
+
+def betas_for_config(cfg: dict[str, Any]) -> torch.Tensor:
+    """beta_1..beta_T (float32): trained_betas or the beta_schedule, optionally rescaled to zero terminal SNR."""
+    T = cfg["num_train_timesteps"]
+    if cfg["trained_betas"] is not None:
+        betas = torch.tensor(cfg["trained_betas"], dtype=torch.float32)
+    elif cfg["beta_schedule"] == "linear":
+        # DDPM Sec. 4: betas linear from beta_1 = 1e-4 to beta_T = 0.02
+        betas = torch.linspace(cfg["beta_start"], cfg["beta_end"], T, dtype=torch.float32)
+    elif cfg["beta_schedule"] == "scaled_linear":
+        betas = torch.linspace(cfg["beta_start"] ** 0.5, cfg["beta_end"] ** 0.5, T, dtype=torch.float32) ** 2
+    else:
+        betas = cosine_betas(T)
+    return rescale_zero_terminal_snr(betas) if cfg["rescale_betas_zero_snr"] else betas
+
+
+def inference_timesteps(num_inference_steps: int, cfg: dict[str, Any]) -> torch.Tensor:
+    """The `num_inference_steps` timesteps sampling visits, from T-1 down, spaced as cfg["timestep_spacing"]
+    says (Lin et al. 2023, Table 2)."""
+    T = cfg["num_train_timesteps"]
+    if not isinstance(num_inference_steps, (int, np.integer)) or not 1 <= num_inference_steps <= T:
+        raise ValueError(f"num_inference_steps must be an integer from 1 to num_train_timesteps={T}, "
+                         f"got {num_inference_steps!r}")
+    n = int(num_inference_steps)
+    if cfg["timestep_spacing"] == "linspace":
+        timesteps = np.linspace(0, T - 1, n).round()[::-1].copy().astype(np.int64)
+    elif cfg["timestep_spacing"] == "leading":
+        timesteps = (np.arange(0, n) * (T // n)).round()[::-1].copy().astype(np.int64) + cfg["steps_offset"]
+    else:  # trailing
+        timesteps = np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
+    return torch.from_numpy(timesteps)
+
+
+def predict_x0(model_output: torch.Tensor, sample: torch.Tensor, abar_t: torch.Tensor,
+               prediction_type: str) -> torch.Tensor:
+    """x_0 predicted from the model output at x_t. For epsilon, DDPM Eq. 15 (Eq. 4 solved for x_0):
+    x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
+    if prediction_type == "epsilon":
+        return (sample - (1 - abar_t) ** (0.5) * model_output) / abar_t ** (0.5)
+    if prediction_type == "sample":
+        return model_output
+    # v_prediction: x_0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v
+    return (abar_t**0.5) * sample - ((1 - abar_t) ** 0.5) * model_output
+
+
+def clip_x0(pred_x0: torch.Tensor, cfg: dict[str, Any]) -> torch.Tensor:
+    """Keep the predicted x_0 in the data range: dynamic thresholding if asked, else clip to +-clip_sample_range."""
+    if cfg["thresholding"]:
+        return dynamic_threshold(pred_x0, cfg["dynamic_thresholding_ratio"], cfg["sample_max_value"])
+    if cfg["clip_sample"]:
+        return pred_x0.clamp(-cfg["clip_sample_range"], cfg["clip_sample_range"])
+    return pred_x0
+
+
+def dynamic_threshold(sample: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Dynamic thresholding (Imagen, Saharia et al. 2022): clamp x_0 to the per-sample `ratio`
+    quantile s of |x_0| (s >= 1, <= max_value), then divide by s."""
+    dtype = sample.dtype
+    batch, channels, *rest = sample.shape
+    if dtype not in (torch.float32, torch.float64):
+        sample = sample.float()  # the quantile needs fp32 at least
+    flat = sample.reshape(batch, channels * int(np.prod(rest)))
+    s = torch.quantile(flat.abs(), ratio, dim=1)
+    s = torch.clamp(s, min=1, max=max_value).unsqueeze(1)
+    flat = torch.clamp(flat, -s, s) / s
+    return flat.reshape(batch, channels, *rest).to(dtype)
+
+
+def randn(shape: tuple[int, ...], generator: torch.Generator | list[torch.Generator] | None,
+          device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Standard normal noise. A CPU generator draws on the CPU and the result moves to `device`,
-    so one seed gives the same numbers on any device (as diffusers' randn_tensor)."""
+    so one seed gives the same numbers on any device (as diffusers' randn_tensor). A list of
+    generators, one per image, draws image i's noise from generator i alone (as randn_tensor too)."""
+    if isinstance(generator, list):
+        draws = [torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]
+        return torch.cat(draws).to(device)
     draw_device = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
 
@@ -71,33 +164,8 @@ class DDPMScheduler:
     """The variance schedule beta_1..beta_T and the DDPM forward and reverse steps."""
 
     def __init__(self, **config: Any):
-        unknown = sorted(set(config) - set(DEFAULT_CONFIG))
-        if unknown:
-            raise ValueError(f"DDPMScheduler: unknown config key(s) {unknown}; known keys are {sorted(DEFAULT_CONFIG)}")
-        self.config = {**DEFAULT_CONFIG, **config}
-        cfg = self.config
-        for key, allowed in SUPPORTED_VALUES.items():
-            if cfg[key] not in allowed and not (key == "beta_schedule" and cfg["trained_betas"] is not None):
-                raise ValueError(f"DDPMScheduler: unsupported {key}={cfg[key]!r}; choose one of {list(allowed)}")
-        T = cfg["num_train_timesteps"]
-        if not isinstance(T, int) or T < 1:
-            raise ValueError(f"DDPMScheduler: num_train_timesteps must be a positive integer, got {T!r}")
-
-        if cfg["trained_betas"] is not None:
-            cfg["trained_betas"] = [float(b) for b in cfg["trained_betas"]]
-            self.betas = torch.tensor(cfg["trained_betas"], dtype=torch.float32)
-            if len(self.betas) != T:
-                raise ValueError(f"DDPMScheduler: trained_betas has {len(self.betas)} values, "
-                                 f"num_train_timesteps is {T}")
-        elif cfg["beta_schedule"] == "linear":
-            # DDPM Sec. 4: betas linear from beta_1 = 1e-4 to beta_T = 0.02
-            self.betas = torch.linspace(cfg["beta_start"], cfg["beta_end"], T, dtype=torch.float32)
-        elif cfg["beta_schedule"] == "scaled_linear":
-            self.betas = torch.linspace(cfg["beta_start"] ** 0.5, cfg["beta_end"] ** 0.5, T, dtype=torch.float32) ** 2
-        else:
-            self.betas = cosine_betas(T)
-        if cfg["rescale_betas_zero_snr"]:
-            self.betas = rescale_zero_terminal_snr(self.betas)
+        self.config = checked_config("DDPMScheduler", config, DEFAULT_CONFIG, SUPPORTED_VALUES)
+        self.betas = betas_for_config(self.config)
 
         # alpha_t = 1 - beta_t,  abar_t = prod_{s<=t} alpha_s
         self.alphas = 1.0 - self.betas
@@ -105,7 +173,12 @@ class DDPMScheduler:
         self._alphas_cumprod_on: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}  # by device and dtype
         self.one = torch.tensor(1.0)
         self.num_inference_steps: int | None = None
-        self.timesteps = torch.arange(T - 1, -1, -1, dtype=torch.int64)
+        self.timesteps = torch.arange(self.config["num_train_timesteps"] - 1, -1, -1, dtype=torch.int64)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "DDPMScheduler":
+        """A DDPMScheduler from any scheduler's config (a DDIMScheduler's too), dropping the keys it does not know."""
+        return cls(**{key: value for key, value in config.items() if key in DEFAULT_CONFIG})
 
     # Forward process
 
@@ -132,19 +205,8 @@ class DDPMScheduler:
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """Choose the `num_inference_steps` timesteps that sampling visits, from T-1 down."""
-        T, cfg = self.config["num_train_timesteps"], self.config
-        if not isinstance(num_inference_steps, (int, np.integer)) or not 1 <= num_inference_steps <= T:
-            raise ValueError(f"num_inference_steps must be an integer from 1 to num_train_timesteps={T}, "
-                             f"got {num_inference_steps!r}")
-        n = int(num_inference_steps)
-        if cfg["timestep_spacing"] == "linspace":
-            timesteps = np.linspace(0, T - 1, n).round()[::-1].copy().astype(np.int64)
-        elif cfg["timestep_spacing"] == "leading":
-            timesteps = (np.arange(0, n) * (T // n)).round()[::-1].copy().astype(np.int64) + cfg["steps_offset"]
-        else:  # trailing
-            timesteps = np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
-        self.num_inference_steps = n
-        self.timesteps = torch.from_numpy(timesteps).to(device)
+        self.timesteps = inference_timesteps(num_inference_steps, self.config).to(device)
+        self.num_inference_steps = int(num_inference_steps)
 
     def previous_timestep(self, timestep: int | torch.Tensor) -> int:
         """The timestep sampling visits after `timestep`; -1 after the last one."""
@@ -155,7 +217,7 @@ class DDPMScheduler:
         return int(self.timesteps[index + 1]) if index + 1 < len(self.timesteps) else -1
 
     def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
         """One step of DDPM Algorithm 2: sample x_{t-1} ~ p(x_{t-1} | x_t), returned as a tensor.
 
         With fewer inference steps the step goes from t to the previous visited timestep p,
@@ -171,19 +233,7 @@ class DDPMScheduler:
         alpha_t = abar_t / abar_prev
         beta_t = 1 - alpha_t
 
-        # x_0 predicted from the model output. For epsilon, DDPM Eq. 15 (Eq. 4 solved for x_0):
-        # x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
-        if cfg["prediction_type"] == "epsilon":
-            pred_x0 = (sample - one_minus_abar_t ** (0.5) * model_output) / abar_t ** (0.5)
-        elif cfg["prediction_type"] == "sample":
-            pred_x0 = model_output
-        else:  # v_prediction: x_0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v
-            pred_x0 = (abar_t**0.5) * sample - (one_minus_abar_t**0.5) * model_output
-
-        if cfg["thresholding"]:
-            pred_x0 = self._threshold_sample(pred_x0)
-        elif cfg["clip_sample"]:
-            pred_x0 = pred_x0.clamp(-cfg["clip_sample_range"], cfg["clip_sample_range"])
+        pred_x0 = clip_x0(predict_x0(model_output, sample, abar_t, cfg["prediction_type"]), cfg)
 
         # DDPM Eq. 7, the mean of the posterior q(x_{t-1} | x_t, x_0):
         # mu_t = sqrt(abar_{t-1}) beta_t / (1 - abar_t) x_0 + sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t) x_t
@@ -212,16 +262,3 @@ class DDPMScheduler:
         if variance_type == "fixed_large":
             return beta_t**0.5
         return torch.exp(0.5 * torch.log(beta_t))  # fixed_large_log
-
-    def _threshold_sample(self, sample: torch.Tensor) -> torch.Tensor:
-        """Dynamic thresholding (Imagen, Saharia et al. 2022): clamp x_0 to the per-sample
-        `dynamic_thresholding_ratio` quantile s of |x_0| (s >= 1, <= sample_max_value), then divide by s."""
-        dtype = sample.dtype
-        batch, channels, *rest = sample.shape
-        if dtype not in (torch.float32, torch.float64):
-            sample = sample.float()  # the quantile needs fp32 at least
-        flat = sample.reshape(batch, channels * int(np.prod(rest)))
-        s = torch.quantile(flat.abs(), self.config["dynamic_thresholding_ratio"], dim=1)
-        s = torch.clamp(s, min=1, max=self.config["sample_max_value"]).unsqueeze(1)
-        flat = torch.clamp(flat, -s, s) / s
-        return flat.reshape(batch, channels, *rest).to(dtype)
