@@ -34,7 +34,8 @@ def main() -> None:
     loss = events.Scalars("train/loss")
     figure, axes = plt.subplots(figsize=(6, 3.5), dpi=100)
     axes.plot([e.step for e in loss], [e.value for e in loss], linewidth=1)
-    axes.set(xlabel="optimizer step", ylabel="training loss (L_simple, mean per logging window)", yscale="log")
+    axes.set(xlabel="optimizer step", ylabel="training loss (L_simple)", yscale="log",
+             title=f"{args.run_dir.name}: train/loss, mean of each logging window")
     axes.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(f"{args.out_prefix}-loss.png")
