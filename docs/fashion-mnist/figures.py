@@ -1,6 +1,8 @@
 """The figures of a train.py run for the docs: its last sample grid upscaled, and its training loss curve.
 
 $ python docs/fashion-mnist/figures.py RUN_DIR OUT_PREFIX    # writes OUT_PREFIX-grid.png and OUT_PREFIX-loss.png
+
+Needs matplotlib (`pip install -e '.[docs]'`).
 """
 
 import argparse
