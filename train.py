@@ -46,7 +46,7 @@ from ddpm.loss import diffusion_loss
 from ddpm.loggers import LoggerError, make_logger
 from ddpm.lr_schedule import make_lr_scheduler
 from ddpm.model_card import write_model_card
-from ddpm.presets import PRESETS
+from ddpm.presets import PRESETS, check_preset_data
 
 # Configuration: preset values, overridden by explicit flags.
 
@@ -143,6 +143,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                      "name two datasets; pass one")
     if given.train_data_dir or given.builtin_data:
         args.dataset_name = None  # your own image folder, or the built-in shapes, replaces the preset's Hub dataset
+    if given.dataset_name or given.builtin_data:
+        args.train_data_dir = given.train_data_dir  # a Hub dataset or the built-in shapes replaces the preset's folder
     preset_name = given.preset
     args.model_config = dict(PRESETS[preset_name]["model"])
     args.use_ema = bool(args.use_ema)
@@ -258,6 +260,7 @@ def main(argv=None) -> None:
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     try:
+        check_preset_data(args.preset, args.train_data_dir)
         source = load_images(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir,
                              args.resolution, args.seed)
         if len(source) == 0:

@@ -1,7 +1,8 @@
 """Training images: where they come from, how each becomes a tensor in [-1, 1], and in what order.
 
-Three sources: a Hugging Face Hub dataset (--dataset_name), a local folder (--train_data_dir), or
-the built-in "shapes" dataset, which the package draws itself so a first run needs no download.
+Three sources: a Hugging Face Hub dataset (--dataset_name), a local folder (--train_data_dir: image files, or
+MNIST-format IDX files, see ddpm/idx.py), or the built-in "shapes" dataset, which the package draws itself so a
+first run needs no download.
 """
 
 import contextlib
@@ -185,12 +186,17 @@ def load_images(
     resolution: int,
     seed: int,
     builtin_size: int = 2048,
+    split: str = "train",
 ) -> ImageSource:
     """The images to train on: a Hub dataset, a local folder, or (given neither) the built-in shapes."""
     if dataset_name and train_data_dir:
         raise DataError(f"got both --dataset_name {dataset_name!r} and --train_data_dir {train_data_dir!r}; "
                         "pass only one")
     if train_data_dir:
+        from ddpm.idx import IdxSource, idx_image_files  # ddpm.idx builds on this module's ImageSource
+
+        if Path(train_data_dir).is_dir() and idx_image_files(train_data_dir):  # MNIST-style: train-*/t10k-* by split
+            return IdxSource(train_data_dir, split)
         return FolderSource(train_data_dir)
     if not dataset_name:
         return make_builtin_source(resolution, seed, builtin_size)
