@@ -184,4 +184,5 @@ def test_compiled_channels_last_unet_with_fast_norm_under_bf16_has_gradients_wit
     options = {"force_layout_optimization": True} if backend == "inductor" else None
     compiled = torch.compile(unet, backend=backend, options=options)
     actual = gradients(compiled, autocast=True, memory_format=torch.channels_last)
-    assert measured(f"{backend} channels_last fast norm bf16 gradients vs fp32", relative_error(actual, expected)) <= 2e-2
+    error = relative_error(actual, expected)
+    assert measured(f"{backend} channels_last fast norm bf16 gradients vs fp32", error) <= 2e-2
