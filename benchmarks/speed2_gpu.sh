@@ -12,8 +12,8 @@
 # seconds (default 480): each part gets at most what is left of it, so a slow compile cuts the later parts short.
 # Usage: OUT=results-dir bash benchmarks/speed2_gpu.sh   (diffusers must be importable: see the lease's wheels)
 # On a CPU, to check that each command runs (inductor builds C++: slow; a quickstart model for train.py):
-#   DEVICE=cpu CONFIG=small BATCH=2 BIG_BATCH=4 PRESET=quickstart STEPS=20 BUDGET=7200 PYTHON=python \
-#       OUT=/tmp/speed2 bash benchmarks/speed2_gpu.sh
+#   DEVICE=cpu CONFIG=small BATCH=2 BIG_BATCH=4 PRESET=quickstart STEPS=20 BUDGET=7200 LIMIT_SCALE=8 \
+#       PYTHON=python OUT=/tmp/speed2 bash benchmarks/speed2_gpu.sh
 set -u
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
@@ -22,15 +22,17 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 PYTHON=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda} CONFIG=${CONFIG:-tutorial128} PRESET=${PRESET:-butterflies-128}
 BATCH=${BATCH:-64} BIG_BATCH=${BIG_BATCH:-128} STEPS=${STEPS:-200} BUDGET=${BUDGET:-480} EXTRA=${EXTRA:-0}
+LIMIT_SCALE=${LIMIT_SCALE:-1}  # multiplies each part's own time limit (a CPU check needs ~8)
 BENCH=(benchmarks/benchmark.py --config "$CONFIG" --device "$DEVICE" --dtype bf16 --measure train
        --repeats 5 --train_steps 3)
 
 part() { echo; echo "=== $(date +%T), ${SECONDS}s in: $1"; }
 
-# Seconds for the next part: its own limit, or what is left of $BUDGET if less (0: skip it).
+# Seconds for the next part: its own limit, or what is left of $BUDGET if less (0: skip it). A part still
+# running at its limit gets SIGTERM, then SIGKILL 20 s later (train.py finishes its step on SIGTERM).
 limit() {
-    local left=$((BUDGET - SECONDS))
-    if [ "$left" -lt 30 ]; then echo 0; elif [ "$left" -lt "$1" ]; then echo "$left"; else echo "$1"; fi
+    local own=$(($1 * LIMIT_SCALE)) left=$((BUDGET - SECONDS - 20))
+    if [ "$left" -lt 30 ]; then echo 0; elif [ "$left" -lt "$own" ]; then echo "$left"; else echo "$own"; fi
 }
 
 # benchmark.py NAME LIMIT FLAGS...: one run, its table in $OUT/NAME.md and its log in $OUT/NAME.log.
@@ -38,7 +40,7 @@ bench() {
     local name=$1 seconds; seconds=$(limit "$2"); shift 2
     part "$name: benchmark.py $*"
     if [ "$seconds" = 0 ]; then echo "skipped: the budget of ${BUDGET}s is spent"; return; fi
-    timeout "$seconds" "$PYTHON" "${BENCH[@]}" "$@" --markdown "$OUT/$name.md" 2>&1 | tee "$OUT/$name.log" \
+    timeout -k 20 "$seconds" "$PYTHON" "${BENCH[@]}" "$@" --markdown "$OUT/$name.md" 2>&1 | tee "$OUT/$name.log" \
         | grep -v Warning
     echo "exit code ${PIPESTATUS[0]} (limit ${seconds}s)"
 }
@@ -97,7 +99,7 @@ part "train.py --compile ${TRAIN_FLAGS[*]}, $STEPS steps at batch $BIG_BATCH"
 if [ "$seconds" = 0 ]; then
     echo "skipped: the budget of ${BUDGET}s is spent"
 else
-    timeout "$seconds" "$PYTHON" train.py --preset "$PRESET" --builtin_data --device "$DEVICE" --mixed_precision bf16 \
+    timeout -k 20 "$seconds" "$PYTHON" train.py --preset "$PRESET" --builtin_data --device "$DEVICE" --mixed_precision bf16 \
         --train_batch_size "$BIG_BATCH" --use_ema --dataloader_num_workers 4 --logging_steps 10 \
         --ddpm_num_inference_steps 20 --checkpointing_steps 100000 --max_train_steps "$STEPS" --compile \
         "${TRAIN_FLAGS[@]}" --output_dir /tmp/speed2-loop > "$OUT/loop.log" 2>&1

@@ -114,7 +114,7 @@ def rescale(x: torch.Tensor, factor: float) -> torch.Tensor:
 class GroupNorm(nn.GroupNorm):
     """torch's GroupNorm (Wu & He 2018), same parameters and state-dict names, with an opt-in path for
     mixed precision (`fast`, set by UNet2DModel.enable_fast_norm): statistics in fp32, output in the
-    input's dtype, written in plain tensor ops so that torch.compile fuses it with its neighbours."""
+    input's dtype, in plain tensor ops that torch.compile can fuse with its neighbours."""
 
     fast = False
 
