@@ -124,7 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--gradient_checkpointing", action="store_true",
         help="recompute each UNet block in the backward pass: ~90%% less activation memory, ~+27%% step time")
     add("--channels_last", action="store_true",
-        help="channels_last weights and images (measured 35%% slower for the tutorial UNet on an H100, eager bf16)")
+        help="channels_last weights and images (measured 35%% slower for the tutorial UNet on an H100, eager bf16); "
+             "with --compile, Inductor is told to keep the layout throughout")
+    add("--fast_norm", action="store_true",
+        help="GroupNorm keeps bf16/fp16 inputs and outputs under autocast, fp32 statistics; for --compile, "
+             "not yet measured on a GPU")
     add("--compile", action="store_true", help="torch.compile the UNet for training (the first steps compile)")
     add("--seed", type=int, default=0, help="seeds weights, data order, noise and sample grids")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -299,10 +303,14 @@ def main(argv=None) -> None:
         unet.enable_gradient_checkpointing()
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     unet.to(memory_format=memory_format)
+    if args.fast_norm:
+        unet.enable_fast_norm()
     scheduler = DDPMScheduler(num_train_timesteps=args.ddpm_num_steps, beta_schedule=args.ddpm_beta_schedule,
                               prediction_type=args.prediction_type)
     # `unet` stays the plain module for the optimizer, EMA, checkpoints and saving; `model` runs the steps
-    model = torch.compile(unet) if args.compile else unet
+    # Inductor drops channels_last for graphs with convs that halve the channels (every UNet's up path) unless forced
+    layout = {"force_layout_optimization": True} if args.channels_last else None
+    model = torch.compile(unet, options=layout) if args.compile else unet
     if ctx.is_distributed:
         model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),

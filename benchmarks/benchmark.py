@@ -3,7 +3,8 @@
 diffusers' UNet2DModel is built, its weights moved away from their init, and the same state dict is
 loaded into ddpm's UNet2DModel. The two then take turns (A B, B A, A B, ...) over --repeats rounds,
 so a noisy machine slows both alike; each row quotes the medians and the median of the per-round
-ratios. Options (--compile, --channels_last, --gradient_checkpointing, --dtype) apply to both.
+ratios. Options (--compile, --channels_last, --gradient_checkpointing, --dtype and the speed options
+below them) apply to both, except --fast_norm: diffusers has no such path.
 
 $ python benchmarks/benchmark.py --config small --device cpu --batch_size 8          # ~2 min on 2 free cores
 $ python benchmarks/benchmark.py --config small --device cpu --batch_size 8 --threads 1 --clock cpu  # shared CPU
@@ -63,6 +64,18 @@ def parse_args() -> argparse.Namespace:
                         "diffusers")
     p.add_argument("--channels_last", action="store_true", help="channels_last weights and inputs for both")
     p.add_argument("--gradient_checkpointing", action="store_true", help="enable it in both models")
+    p.add_argument("--fast_norm", action="store_true",
+                   help="ddpm only: GroupNorm with bf16 inputs and outputs, fp32 statistics (enable_fast_norm)")
+    p.add_argument("--compile_mode", default="default",
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile's mode (reduce-overhead and max-autotune capture CUDA graphs)")
+    p.add_argument("--force_layout_opt", action="store_true",
+                   help="Inductor's force_layout_optimization: keep channels_last through graphs whose convs "
+                        "halve the channels, where Inductor would otherwise drop it")
+    p.add_argument("--cudnn_benchmark", action="store_true",
+                   help="torch.backends.cudnn.benchmark: time cuDNN's algorithms for each conv shape first")
+    p.add_argument("--adamw", default=None, choices=["fused", "foreach"],
+                   help="AdamW implementation (default: fused on CUDA, torch's default on the CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                    help="cpu: this process's CPU time, which other programs on a shared CPU do not inflate "
@@ -84,6 +97,9 @@ def parse_args() -> argparse.Namespace:
         p.error("--dtype fp16 needs --device cuda (CPU autocast is bf16)")
     if args.clock == "cpu" and args.device == "cuda":
         p.error("--clock cpu measures CPU work only; use --clock wall with --device cuda")
+    if not args.compile and (args.compile_mode != "default" or args.force_layout_opt):
+        given = f"--compile_mode {args.compile_mode}" if args.compile_mode != "default" else "--force_layout_opt"
+        p.error(f"{given} tunes torch.compile; add --compile")
     return args
 
 
@@ -214,6 +230,8 @@ def build_models(config: dict, device: torch.device, args) -> tuple[torch.nn.Mod
         model.to(device=device, memory_format=memory_format)
         if args.gradient_checkpointing:
             model.enable_gradient_checkpointing()
+    if args.fast_norm:
+        ours.enable_fast_norm()
     return ours, theirs, difference
 
 
@@ -225,6 +243,7 @@ def main() -> None:
     config = CONFIGS[args.config]
     dtype = DTYPES[args.dtype]
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
 
     def autocast():
         return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
@@ -235,9 +254,13 @@ def main() -> None:
     compiled = {"ddpm": bool(args.compile), "diffusers": args.compile == "both"}
     # training runs the compiled module; sampling a second one compiled with freezing (weights as
     # constants, as sample.py --compile does), which only inference allows
-    train_forward = {name: torch.compile(model) if compiled[name] else model
+    # torch.compile(mode=...) sets these inductor options; it takes a mode or options, not both
+    inductor_options = torch._inductor.list_mode_options(args.compile_mode)
+    if args.force_layout_opt:
+        inductor_options["force_layout_optimization"] = True
+    train_forward = {name: torch.compile(model, options=inductor_options) if compiled[name] else model
                      for name, model in (("ddpm", ours), ("diffusers", theirs))}
-    forward = {name: torch.compile(model, options={"freezing": True}) if compiled[name] else model
+    forward = {name: torch.compile(model, options={**inductor_options, "freezing": True}) if compiled[name] else model
                for name, model in (("ddpm", ours), ("diffusers", theirs))}
     plain = {"ddpm": ours, "diffusers": theirs}
 
@@ -253,8 +276,8 @@ def main() -> None:
     schedulers = {"ddpm": DDPMScheduler(), "diffusers": diffusers.DDPMScheduler()}
 
     # Training step: forward, L_simple, backward, AdamW
-    optimizers = {name: torch.optim.AdamW(plain[name].parameters(), lr=1e-4, fused=device.type == "cuda")
-                  for name in NAMES}
+    adamw = {"fused": {"fused": True}, "foreach": {"foreach": True}, None: {"fused": device.type == "cuda"}}[args.adamw]
+    optimizers = {name: torch.optim.AdamW(plain[name].parameters(), lr=1e-4, **adamw) for name in NAMES}
     scalers = {name: torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16") for name in NAMES}
 
     def train_loss(name: str) -> torch.Tensor:
@@ -367,9 +390,16 @@ def main() -> None:
             mfu = {n: [100 * a / peak for a in achieved[n]] for n in NAMES}
             lines.append(row(f"training, MFU % of {peak:g} TFLOP/s", mfu, ".1f", True))
 
-    options = [name for name in ("channels_last", "gradient_checkpointing") if getattr(args, name)]
+    options = [name for name in ("channels_last", "gradient_checkpointing", "force_layout_opt", "cudnn_benchmark")
+               if getattr(args, name)]
     if args.compile:
         options.append("compile" if args.compile == "both" else "compile (ddpm only; diffusers eager)")
+        if args.compile_mode != "default":
+            options.append(f"compile_mode {args.compile_mode}")
+    if args.fast_norm:
+        options.append("fast_norm (ddpm only)")
+    if args.adamw:
+        options.append(f"AdamW {args.adamw}")
     notes = [
         f"- {parameters:,} parameters; forward {forward_flops / 1e9:.2f} GFLOP/image, training step "
         f"(forward + backward) {train_flops / 1e9:.2f} GFLOP/image (FlopCounterMode, ddpm's UNet)",

@@ -111,6 +111,25 @@ def rescale(x: torch.Tensor, factor: float) -> torch.Tensor:
     return x if factor == 1 else x / factor
 
 
+class GroupNorm(nn.GroupNorm):
+    """torch's GroupNorm (Wu & He 2018), same parameters and state-dict names, with an opt-in path for
+    mixed precision (`fast`, set by UNet2DModel.enable_fast_norm): statistics in fp32, output in the
+    input's dtype, in plain tensor ops that torch.compile can fuse with its neighbours."""
+
+    fast = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fast:
+            return super().forward(x)  # under autocast on CUDA: fp32 in and out, whatever x's dtype
+        # y = (x - mean_g) / sqrt(var_g + eps) * gamma_c + beta_c; mean and biased variance over each
+        # group's channels and all positions. unflatten is a view in any memory layout (channels_last too)
+        groups = x.unflatten(1, (self.num_groups, -1)).float()
+        variance, mean = torch.var_mean(groups, dim=tuple(range(2, groups.dim())), correction=0, keepdim=True)
+        normalized = ((groups - mean) * torch.rsqrt(variance + self.eps)).flatten(1, 2)
+        per_channel = (-1,) + (1,) * (x.dim() - 2)
+        return (normalized * self.weight.view(per_channel) + self.bias.view(per_channel)).to(x.dtype)
+
+
 class TimestepEmbedding(nn.Module):
     """MLP on the sinusoidal embedding: linear -> SiLU -> linear."""
 
@@ -130,10 +149,10 @@ class ResnetBlock2D(nn.Module):
                  dropout: float, output_scale_factor: float = 1.0):
         super().__init__()
         self.output_scale_factor = output_scale_factor
-        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.norm1 = GroupNorm(groups, in_channels, eps=eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels)
-        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.norm2 = GroupNorm(groups, out_channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         # 1x1 conv on the residual path only where the channel count changes
@@ -143,8 +162,11 @@ class ResnetBlock2D(nn.Module):
         h = self.conv1(F.silu(self.norm1(x)))
         h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        # x may carry channels_last strides from attention: contiguous() keeps diffusers' conv kernel and numbers
-        shortcut = self.conv_shortcut(x.contiguous()) if self.conv_shortcut is not None else x
+        # x may carry channels_last strides from attention: laid out as the weights are (contiguous unless the
+        # model was made channels_last), it keeps diffusers' conv kernel and numbers, and channels_last copy-free
+        channels_last = self.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        shortcut = self.conv_shortcut(x.contiguous(memory_format=layout)) if self.conv_shortcut is not None else x
         return rescale(shortcut + h, self.output_scale_factor)
 
 
@@ -157,7 +179,7 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.rescale_output_factor = rescale_output_factor
         inner_dim = self.heads * head_dim
-        self.group_norm = nn.GroupNorm(groups, channels, eps=eps)
+        self.group_norm = GroupNorm(groups, channels, eps=eps)
         self.to_q = nn.Linear(channels, inner_dim)
         self.to_k = nn.Linear(channels, inner_dim)
         self.to_v = nn.Linear(channels, inner_dim)
@@ -338,7 +360,7 @@ class UNet2DModel(nn.Module):
                 add_upsample=i < levels - 1, head_dim=head_dim(reversed_channels[i]), config=cfg,
             ))
 
-        self.conv_norm_out = nn.GroupNorm(cfg["norm_num_groups"], channels[0], eps=cfg["norm_eps"])
+        self.conv_norm_out = GroupNorm(cfg["norm_num_groups"], channels[0], eps=cfg["norm_eps"])
         self.conv_out = nn.Conv2d(channels[0], cfg["out_channels"], 3, padding=1)
 
     @property
@@ -352,6 +374,18 @@ class UNet2DModel(nn.Module):
 
     def disable_gradient_checkpointing(self) -> None:
         self.gradient_checkpointing = False
+
+    def enable_fast_norm(self) -> None:
+        """Every GroupNorm keeps its input's dtype (bf16 under autocast) with fp32 statistics, instead of
+        autocast's fp32 output; meant for torch.compile. Parameters, state dict and config are unchanged."""
+        for module in self.modules():
+            if isinstance(module, GroupNorm):
+                module.fast = True
+
+    def disable_fast_norm(self) -> None:
+        for module in self.modules():
+            if isinstance(module, GroupNorm):
+                module.fast = False
 
     def _run_block(self, block: nn.Module, *args: Any) -> Any:
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():

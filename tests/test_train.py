@@ -375,6 +375,24 @@ def test_bf16_autocast_trains_on_cpu(tmp_path):
     assert_same_tensors(unet.state_dict(), last)
 
 
+def test_fast_norm_changes_the_bf16_training_numbers_but_not_the_saved_config_or_weight_names(tmp_path):
+    plain = run(tmp_path, mixed_precision="bf16")
+    fast = run(tmp_path, mixed_precision="bf16", fast_norm=True, output_dir=tmp_path / "fast")
+    assert (fast / "unet" / "config.json").read_text() == (plain / "unet" / "config.json").read_text()
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    expected, actual = load_file(plain / weights), load_file(fast / weights)
+    assert actual.keys() == expected.keys()
+    assert not all(torch.equal(actual[name], expected[name]) for name in expected)
+
+
+def test_compile_with_channels_last_asks_inductor_to_keep_channels_last_throughout(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **options: calls.append(options) or model)
+    run(tmp_path, compile=True, max_train_steps=1)
+    run(tmp_path, compile=True, channels_last=True, max_train_steps=1, output_dir=tmp_path / "channels_last")
+    assert calls == [{"options": None}, {"options": {"force_layout_optimization": True}}]
+
+
 class OverflowingGradient(torch.autograd.Function):
     """The identity forward; an infinite gradient backward, as when fp16 gradients overflow."""
 
