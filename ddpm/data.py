@@ -179,6 +179,10 @@ class ShapesSource(ImageSource):
         return f"built-in shapes image {i}"
 
 
+# The built-in images that evaluation uses: held out from every training run with a non-negative --seed (default 0).
+HELD_OUT_SEED = -1
+
+
 def make_builtin_source(resolution: int, seed: int, size: int) -> ImageSource:
     """The built-in "shapes" dataset: `size` images drawn at `resolution`, image i fixed by (seed, i)."""
     return ShapesSource(resolution, seed, size)
