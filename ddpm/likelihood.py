@@ -16,8 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
+from .data import ImageSource, TrainingImages
 from .scheduler import DDPMScheduler
 
 # The model: (x_t in float32, timesteps (B,)) -> eps, x_0 or v, as the scheduler's prediction_type says.
@@ -189,6 +191,26 @@ class VariationalBound:
             noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device)
             total = total + (end - start) * self.terms_at(model, x0, t, noise.double())
         return total
+
+
+def images_as_x0(source: ImageSource, resolution: int, channels: int, count: int) -> torch.Tensor:
+    """The first `count` images of `source`, resized and center-cropped as training does (no flips), as x_0."""
+    dataset = TrainingImages(source, resolution, channels, center_crop=True, random_flip=False)
+    return x0_from_pixels(torch.stack([dataset[(i, 0)] for i in range(min(count, len(source)))]))
+
+
+def estimate_bits_per_dim(unet: nn.Module, bound: VariationalBound, x0: torch.Tensor, seed: int,
+                          strata: int = 20, batch_size: int = 64) -> float:
+    """The mean over x0 of VariationalBound.estimate, in eval mode, in batches: an unbiased estimate of the
+    bound in bits/dim. Noise and timesteps come from a generator seeded with `seed`, so that with the same seed
+    the estimates of one model at different times differ only by what it learnt."""
+    was_training = unet.training
+    unet.eval()
+    generator = torch.Generator().manual_seed(seed)
+    total = sum(bound.estimate(unet, x0[i:i + batch_size], generator, strata).sum().item()
+                for i in range(0, len(x0), batch_size))
+    unet.train(was_training)
+    return total / len(x0)
 
 
 def at(coefficient: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
