@@ -116,7 +116,8 @@ def resolution_of(config: dict, model_dir: str) -> int:
 
 def noise_generator(seed: int, rank: int) -> torch.Generator:
     """The CPU generator of the noise: seeded with --seed on rank 0, from (--seed, rank) on the others."""
-    return torch.Generator().manual_seed(seed if rank == 0 else random.Random(f"evaluate/{seed}/{rank}").getrandbits(63))
+    seed = seed if rank == 0 else random.Random(f"evaluate/{seed}/{rank}").getrandbits(63)
+    return torch.Generator().manual_seed(seed)
 
 
 def shard(count: int, ctx: distributed.Context) -> range:
@@ -189,7 +190,8 @@ def evaluate_shapes(args: argparse.Namespace, unet, scheduler, ctx: distributed.
     if args.output_json:
         write_json(args.output_json, {"valid_fraction": result.valid_fraction,
                                       "classes_covered": result.classes_covered,
-                                      "tv_to_uniform": result.tv_to_uniform, "num_images": result.num_images,
+                                      "tv_to_uniform": result.tv_to_uniform, "median_rmse": result.median_rmse,
+                                      "num_images": result.num_images,
                                       "valid_rmse": VALID_RMSE, "num_inference_steps": args.num_inference_steps})
     print(f"shapes score: {result} over {result.num_images} samples ({args.num_inference_steps} denoising steps)")
 
@@ -214,8 +216,9 @@ def plot_bits_per_timestep(per_timestep: list[float], prior: float, path: str) -
     # rate: the bits sent from x_T down to x_t (L_T + L_{T-1} + ... + L_t); the decoder L_0 is the distortion
     rate = [prior + sum(per_timestep[T - k:]) for k in range(T)]
     rate_axis.plot(range(T), rate)
+    total = rate[-1] + per_timestep[0]
     rate_axis.set(xlabel="reverse process steps (T - t)", ylabel="bits/dim",
-                  title=f"rate {rate[-1]:.3f} + distortion L_0 {per_timestep[0]:.3f} = {rate[-1] + per_timestep[0]:.3f}")
+                  title=f"rate {rate[-1]:.3f} + distortion L_0 {per_timestep[0]:.3f} = {total:.3f}")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     plt.close(figure)

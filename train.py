@@ -380,6 +380,7 @@ def main(argv=None) -> None:
             writer.add_scalar("samples/shapes_valid_fraction", shapes_scores[-1].valid_fraction, step)
             writer.add_scalar("samples/shapes_classes_covered", shapes_scores[-1].classes_covered, step)
             writer.add_scalar("samples/shapes_tv_to_uniform", shapes_scores[-1].tv_to_uniform, step)
+            writer.add_scalar("samples/shapes_median_rmse", shapes_scores[-1].median_rmse, step)
 
     def write_checkpoint() -> None:
         rng_states = distributed.gather_to_main(ctx, capture_rng_state(noise_generator))

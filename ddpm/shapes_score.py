@@ -4,7 +4,8 @@ Each sample is fitted by the best rendering of the dataset's own generative fact
 background, side, centre), drawn by the dataset's own renderer (ShapesSource.render). A sample is valid
 when the RMSE of its best fit is under VALID_RMSE. The score reports the valid fraction, how many of the
 24 classes (shape x colour x background) the valid samples cover, and the total-variation distance of
-their class histogram to the uniform one (the dataset draws the classes uniformly).
+their class histogram to the uniform one (the dataset draws the classes uniformly); and the median best-fit
+RMSE, which still tells models apart when none of their samples is valid.
 """
 
 import functools
@@ -40,12 +41,13 @@ class ShapesScore:
     valid_fraction: float  # samples whose best fit has RMSE < VALID_RMSE
     classes_covered: int  # of the 24 (shape x colour x background), among the valid samples
     tv_to_uniform: float  # total-variation distance of the valid samples' class histogram to uniform; 1 if none
+    median_rmse: float  # of the best fits of all samples, in levels of 0..255
     num_images: int
 
     def __str__(self) -> str:
         valid = round(self.valid_fraction * self.num_images)
         return (f"valid {self.valid_fraction:.3f} ({valid} of {self.num_images}), classes {self.classes_covered} "
-                f"of {len(CLASSES)}, TV to uniform {self.tv_to_uniform:.3f}")
+                f"of {len(CLASSES)}, TV to uniform {self.tv_to_uniform:.3f}, median fit RMSE {self.median_rmse:.1f}")
 
 
 @functools.lru_cache(maxsize=4)
@@ -201,7 +203,7 @@ def score(classes: torch.Tensor, rmse: torch.Tensor) -> ShapesScore:
     valid = rmse < VALID_RMSE
     histogram = torch.bincount(classes[valid], minlength=len(CLASSES)).double()
     tv = 0.5 * (histogram / histogram.sum() - 1 / len(CLASSES)).abs().sum().item() if valid.any() else 1.0
-    return ShapesScore(valid.double().mean().item(), int((histogram > 0).sum()), tv, len(rmse))
+    return ShapesScore(valid.double().mean().item(), int((histogram > 0).sum()), tv, rmse.quantile(0.5).item(), len(rmse))
 
 
 def shapes_score(images: torch.Tensor) -> ShapesScore:

@@ -19,6 +19,7 @@ from PIL import Image
 from ddpm import DDPMScheduler, UNet2DModel, save_pipeline
 from ddpm.data import HELD_OUT_SEED, TrainingImages, make_builtin_source
 from ddpm.likelihood import VariationalBound, x0_from_pixels
+from ddpm.shapes_score import VALID_RMSE
 from oracle import perturb_, single_thread  # noqa: F401  (autouse fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,10 +158,12 @@ def test_shapes_metric_prints_the_score_of_the_samples(tmp_path, capsys):
     out = run_in_process([str(tmp_path / "model"), "--metric", "shapes", "--num_images", "3", "--num_inference_steps",
                           "2", "--output_json", str(tmp_path / "f.json")], capsys)
     # an untrained model draws noise
-    assert out.strip().splitlines()[-1] == ("shapes score: valid 0.000 (0 of 3), classes 0 of 24, TV to uniform "
-                                            "1.000 over 3 samples (2 denoising steps)")
     figures = json.loads((tmp_path / "f.json").read_text())
+    assert out.strip().splitlines()[-1] == (
+        f"shapes score: valid 0.000 (0 of 3), classes 0 of 24, TV to uniform 1.000, median fit RMSE "
+        f"{figures['median_rmse']:.1f} over 3 samples (2 denoising steps)")
     assert (figures["valid_fraction"], figures["classes_covered"], figures["num_images"]) == (0.0, 0, 3)
+    assert figures["median_rmse"] > VALID_RMSE
 
 
 def folder(path: Path) -> Path:

@@ -91,6 +91,10 @@ def test_classes_covered_and_tv_to_uniform_count_only_valid_samples():
     assert (result.valid_fraction, result.classes_covered, result.tv_to_uniform) == (0.5, 24, pytest.approx(0))
 
 
+def test_median_rmse_is_over_all_samples_valid_or_not():
+    assert score(torch.arange(4), torch.tensor([1.0, 2.0, 30.0, 40.0])).median_rmse == pytest.approx(16.0)
+
+
 def test_one_class_only_is_23_24ths_from_uniform():
     result = score(torch.full((10,), 5), torch.zeros(10))
     assert result.classes_covered == 1 and result.tv_to_uniform == pytest.approx(23 / 24)

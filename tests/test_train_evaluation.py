@@ -15,6 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from ddpm import load_pipeline
 from ddpm.data import HELD_OUT_SEED, make_builtin_source
 from ddpm.likelihood import VariationalBound, estimate_bits_per_dim, images_as_x0
+from ddpm.shapes_score import VALID_RMSE
 from oracle import single_thread  # noqa: F401  (autouse fixture)
 
 TRAIN_PY = Path(__file__).resolve().parents[1] / "train.py"
@@ -59,6 +60,8 @@ def test_a_builtin_run_logs_the_shapes_score_of_each_grid_and_prints_the_last(tm
     assert logged["samples/shapes_valid_fraction"] == [(2, 0.0)]
     assert logged["samples/shapes_classes_covered"] == [(2, 0.0)]
     assert logged["samples/shapes_tv_to_uniform"] == [(2, 1.0)]
+    [(step, median_rmse)] = logged["samples/shapes_median_rmse"]
+    assert step == 2 and median_rmse > VALID_RMSE
     assert "shapes score of the last sample grid: valid 0.000 (0 of 2), classes 0 of 24" in capsys.readouterr().out
 
 
