@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from ddpm import DDIMScheduler, DDPMScheduler, PipelineLoadError, distributed, generate, load_pipeline
 from ddpm.fast_sampling import FastUNet
-from ddpm.pipeline_io import write_temporary
+from ddpm.pipeline_io import pipeline_folder, write_temporary
 from ddpm.sampling import image_generators
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -106,25 +106,8 @@ if Path(args.output).suffix.lower() not in Image.registered_extensions():
 if "WORLD_SIZE" in os.environ and not many_images:
     parser.error("under torchrun, give --outdir without --output: only many-images mode splits the work")
 
-# A local folder, or else a Hub repo id to download (into the Hugging Face cache).
-model_dir = args.model_dir
-if not os.path.exists(model_dir):
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(model_dir)
-    except HFValidationError:
-        error(f"model folder {model_dir!r} does not exist")
-    try:
-        model_dir = snapshot_download(model_dir, allow_patterns=["*.json", "*.safetensors", "*.bin"])
-    except Exception as exc:  # offline, no such repo, no access, network failure...
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        error(f"no folder {args.model_dir!r} here, and could not download {args.model_dir!r} "
-              f"from the Hugging Face Hub: {reason}")
-
 try:
-    unet, scheduler = load_pipeline(model_dir, dtype=torch.float32,
+    unet, scheduler = load_pipeline(pipeline_folder(args.model_dir), dtype=torch.float32,
                                     scheduler_class=DDIMScheduler if args.sampler == "ddim" else DDPMScheduler)
 except PipelineLoadError as exc:
     error(str(exc))

@@ -39,14 +39,16 @@ from ddpm import DDIMScheduler, DDPMScheduler, UNet2DModel, generate, save_pipel
 from ddpm import distributed, hub
 from ddpm.checkpoint import (CheckpointError, capture_rng_state, list_checkpoints, load_checkpoint,
                              restore_rng_state, save_checkpoint, set_aside_checkpoints_after)
-from ddpm.data import CACHE_BYTES, DataError, EpochSampler, TrainingImages, load_images
+from ddpm.data import CACHE_BYTES, HELD_OUT_SEED, DataError, EpochSampler, TrainingImages, load_images
 from ddpm.device_data import DeviceDataUnavailable, DeviceImages
 from ddpm.ema import EMA
+from ddpm.likelihood import VariationalBound, estimate_bits_per_dim, images_as_x0, model_variance_of
 from ddpm.loss import diffusion_loss
 from ddpm.loggers import LoggerError, make_logger
 from ddpm.lr_schedule import make_lr_scheduler
 from ddpm.model_card import write_model_card
 from ddpm.presets import PRESETS, check_preset_data
+from ddpm.shapes_score import shapes_score
 
 # Configuration: preset values, overridden by explicit flags.
 
@@ -130,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="GroupNorm keeps bf16/fp16 inputs and outputs under autocast, fp32 statistics; for --compile, "
              "not yet measured on a GPU")
     add("--compile", action="store_true", help="torch.compile the UNet for training (the first steps compile)")
+    add("--eval_bpd_images", type=int, default=0,
+        help="at each pipeline save, log an unbiased estimate of bits/dim (eval/bpd_estimate) on N built-in images "
+             "of another seed, or on the first N training images of other data; 0: off")
     add("--seed", type=int, default=0, help="seeds weights, data order, noise and sample grids")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     add("--ddp_timeout", type=float, default=1800, help="seconds a collective may wait before the job fails")
@@ -167,7 +172,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("learning_rate", "adam_epsilon", "ema_inv_gamma", "ddp_timeout", "max_grad_norm", "snr_gamma"):
         if getattr(args, name) is not None and not getattr(args, name) > 0:
             parser.error(f"--{name} must be > 0, got {getattr(args, name)}")
-    for name in ("dataloader_num_workers", "lr_warmup_steps", "adam_weight_decay"):
+    for name in ("dataloader_num_workers", "lr_warmup_steps", "adam_weight_decay", "eval_bpd_images"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     if not (0 <= args.adam_beta1 < 1 and 0 <= args.adam_beta2 < 1 and 0 <= args.ema_max_decay <= 1):
@@ -408,6 +413,19 @@ def main(argv=None) -> None:
                   f"{args.train_batch_size * ctx.world_size * args.gradient_accumulation_steps}; "
                   f"{total_steps} optimizer steps ({steps_per_epoch:g} per epoch) on {device}, {precision}")
 
+    # Evaluation: on the built-in data, the shapes score of each sample grid; with --eval_bpd_images, an estimate
+    # of bits/dim at each pipeline save, on built-in images of a seed no run trains on, or on other data (which has
+    # no held-out split here) on the first training images, under a tag that says so
+    builtin = not args.dataset_name and not args.train_data_dir
+    shapes_scores, evaluation = [], {}  # evaluation: the figures the model card shows
+    if args.eval_bpd_images and ctx.is_main:
+        eval_source = load_images(None, None, None, None, args.resolution, HELD_OUT_SEED,
+                                  builtin_size=args.eval_bpd_images) if builtin else source
+        eval_x0 = images_as_x0(eval_source, args.resolution, channels, args.eval_bpd_images).to(device)
+        bound = VariationalBound(scheduler, model_variance_of(scheduler.config["variance_type"]), device=device)
+        bpd_tag, eval_images = (("eval/bpd_estimate", "held-out") if builtin else
+                                ("eval/bpd_estimate_on_training_images", "training"))
+
     def sampling_model():
         """The weights to sample from: a copy holding the EMA weights, or the training model itself."""
         if ema is None:
@@ -425,12 +443,26 @@ def main(argv=None) -> None:
         (output_dir / "samples").mkdir(parents=True, exist_ok=True)
         save_image(grid, output_dir / "samples" / f"{epoch_number:04d}.png")
         logger.log_image("samples", grid, step)
+        if builtin and channels == 3:  # does each sample look like an image of the dataset? (ddpm/shapes_score.py)
+            shapes_scores.append(shapes_score(images))
+            logger.log_scalars({"samples/shapes_valid_fraction": shapes_scores[-1].valid_fraction,
+                                "samples/shapes_classes_covered": shapes_scores[-1].classes_covered,
+                                "samples/shapes_tv_to_uniform": shapes_scores[-1].tv_to_uniform,
+                                "samples/shapes_median_rmse": shapes_scores[-1].median_rmse}, step)
 
     def save_pipeline_and_card(weights: torch.nn.Module) -> None:
         """The pipeline folder and its model card, uploaded with --push_to_hub."""
         save_pipeline(output_dir, weights, scheduler)
+        if args.eval_bpd_images:
+            estimate = estimate_bits_per_dim(weights, bound, eval_x0, args.seed)
+            evaluation[f"bits/dim, estimated on {len(eval_x0)} {eval_images} images"] = estimate
+            logger.log_scalars({bpd_tag: estimate}, step)
+            tqdm.write(f"step {step}: bits/dim estimate {estimate:.4f} on {len(eval_x0)} {eval_images} images")
+        if shapes_scores:
+            evaluation["shapes score: valid fraction of the last grid"] = shapes_scores[-1].valid_fraction
         write_model_card(output_dir, args, data=source.description, world_size=ctx.world_size, step=step,
-                         total_steps=total_steps, loss=logs.get("loss"), repo_id=hub_repo.repo_id if hub_repo else None)
+                         total_steps=total_steps, loss=logs.get("loss"), evaluation=evaluation or None,
+                         repo_id=hub_repo.repo_id if hub_repo else None)
         if hub_repo is not None:
             hub_repo.push(step)
 
@@ -553,6 +585,8 @@ def main(argv=None) -> None:
                 save_pipeline_and_card(weights)
 
     progress.close()
+    if shapes_scores:
+        log_main(ctx, f"shapes score of the last sample grid: {shapes_scores[-1]}")
     if logger is not None:
         logger.close()
     distributed.barrier(ctx)

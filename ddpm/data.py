@@ -11,6 +11,7 @@ import math
 import os
 import random
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -80,7 +81,7 @@ class FolderSource(ImageSource):
 
 
 class HubSource(ImageSource):
-    def __init__(self, name: str, rows: "datasets.Dataset"):
+    def __init__(self, name: str, rows: "datasets.Dataset", split: str = "train"):
         import datasets
 
         columns = [c for c, feature in rows.features.items() if isinstance(feature, datasets.Image)]
@@ -93,8 +94,8 @@ class HubSource(ImageSource):
         # file name.
         self.rows = rows.select_columns([self.column]).cast_column(self.column, datasets.Image(decode=False))
         if len(self.rows) == 0:
-            raise DataError(f"dataset {name!r} has no rows in its train split; pick a dataset with images")
-        self.description = f"Hub dataset {name} (train): {len(self.rows)} images"
+            raise DataError(f"dataset {name!r} has no rows in its {split} split; pick a dataset with images")
+        self.description = f"Hub dataset {name} ({split}): {len(self.rows)} images"
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -111,12 +112,25 @@ class HubSource(ImageSource):
         return f"row {i} of {self.name}" + (f" ({path})" if path else "")
 
 
+@dataclass(frozen=True)
+class ShapeFactors:
+    """The generative factors of one built-in image; side and centre (cx, cy) in pixels of the image."""
+
+    shape: str
+    color: tuple[int, int, int]
+    background: tuple[int, int, int]
+    side: float
+    cx: float
+    cy: float
+
+
 class ShapesSource(ImageSource):
     """The built-in dataset: one large coloured circle, square or triangle on a plain background."""
 
     SHAPES = ("circle", "square", "triangle")
     COLORS = ((220, 30, 30), (30, 170, 60), (30, 90, 220), (250, 150, 20))  # red, green, blue, orange
     BACKGROUNDS = ((245, 245, 245), (20, 20, 20))  # white and black both contrast with every colour
+    SIDE = (0.4, 0.7)  # the side, as a fraction of the image; the shape lies wholly inside the image
     SUPERSAMPLE = 4  # draw at 4x and average down: anti-aliased edges even at 16 px
 
     def __init__(self, resolution: int, seed: int, size: int):
@@ -131,25 +145,42 @@ class ShapesSource(ImageSource):
     def get(self, i: int) -> Image.Image:
         if not 0 <= i < self.size:
             raise IndexError(f"image {i} of a built-in dataset of {self.size}")
+        return self.render(self.factors(i))
+
+    def factors(self, i: int) -> ShapeFactors:
+        """The factors of image i, drawn at random from (seed, i)."""
         # A string seed is hashed (SHA-512): image i depends on (seed, i) only, so images render lazily in any order.
         rng = random.Random(f"shapes/{self.seed}/{i}")
         big = self.resolution * self.SUPERSAMPLE
-        image = Image.new("RGB", (big, big), rng.choice(self.BACKGROUNDS))
+        background = rng.choice(self.BACKGROUNDS)
         shape, color = rng.choice(self.SHAPES), rng.choice(self.COLORS)
-        side = rng.uniform(0.4, 0.7) * big
+        side = rng.uniform(*self.SIDE) * big
         cx, cy = rng.uniform(side / 2, big - side / 2), rng.uniform(side / 2, big - side / 2)
+        # SUPERSAMPLE is a power of 2: dividing by it here and multiplying in render() is exact
+        return ShapeFactors(shape, color, background, side / self.SUPERSAMPLE, cx / self.SUPERSAMPLE,
+                            cy / self.SUPERSAMPLE)
+
+    def render(self, factors: ShapeFactors) -> Image.Image:
+        """The image of `factors` at this source's resolution, drawn as every image of the dataset is."""
+        big = self.resolution * self.SUPERSAMPLE
+        image = Image.new("RGB", (big, big), factors.background)
+        side, cx, cy = (value * self.SUPERSAMPLE for value in (factors.side, factors.cx, factors.cy))
         left, top, right, bottom = cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2
         draw = ImageDraw.Draw(image)
-        if shape == "circle":
-            draw.ellipse((left, top, right, bottom), fill=color)
-        elif shape == "square":
-            draw.rectangle((left, top, right, bottom), fill=color)
+        if factors.shape == "circle":
+            draw.ellipse((left, top, right, bottom), fill=factors.color)
+        elif factors.shape == "square":
+            draw.rectangle((left, top, right, bottom), fill=factors.color)
         else:
-            draw.polygon(((cx, top), (right, bottom), (left, bottom)), fill=color)
+            draw.polygon(((cx, top), (right, bottom), (left, bottom)), fill=factors.color)
         return image.resize((self.resolution, self.resolution), Image.Resampling.BOX)
 
     def describe(self, i: int) -> str:
         return f"built-in shapes image {i}"
+
+
+# The built-in images that evaluation uses: held out from every training run with a non-negative --seed (default 0).
+HELD_OUT_SEED = -1
 
 
 def make_builtin_source(resolution: int, seed: int, size: int) -> ImageSource:
@@ -207,7 +238,7 @@ def load_images(
     offline = hub_constants.HF_HUB_OFFLINE or not _hub_reachable()
     try:
         with _offline_mode() if offline else contextlib.nullcontext():
-            rows = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split="train")
+            rows = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split=split)
     except (OSError, ValueError, datasets.exceptions.DatasetsError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         if isinstance(e, ConnectionError):
@@ -215,8 +246,8 @@ def load_images(
                 f"could not load dataset {dataset_name!r} from the Hugging Face Hub (offline?): {reason}; "
                 "without network only datasets already in the cache load"
             ) from None
-        raise DataError(f"could not load dataset {dataset_name!r} (train split): {reason}") from None
-    return HubSource(dataset_name, rows)
+        raise DataError(f"could not load dataset {dataset_name!r} ({split} split): {reason}") from None
+    return HubSource(dataset_name, rows, split)
 
 
 def to_mode(image: Image.Image, mode: str) -> Image.Image:

@@ -124,6 +124,25 @@ def load_pipeline(directory: str | os.PathLike, dtype: torch.dtype = torch.float
     return unet.to(device=device, dtype=dtype).eval(), scheduler
 
 
+def pipeline_folder(name_or_path: str) -> str:
+    """A local pipeline folder as it is, or a Hugging Face Hub repo id downloaded into the Hub cache."""
+    if os.path.exists(name_or_path):
+        return name_or_path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        raise PipelineLoadError(f"pipeline folder {name_or_path!r} does not exist") from None
+    try:
+        return snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.bin"])
+    except Exception as error:  # offline, no such repo, no access, network failure...
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise PipelineLoadError(f"no folder {name_or_path!r} here, and could not download {name_or_path!r} from the "
+                                f"Hugging Face Hub: {reason}") from None
+
+
 def read_config(path: Path, *class_names: str) -> dict[str, Any]:
     """A config JSON file of one of `class_names` as a dict, without diffusers' private `_` keys."""
     if not path.is_file():
