@@ -143,7 +143,7 @@ if many_images:
     digits = max(6, len(str(args.num_images - 1)))
     names = [f"{i:0{digits}d}.png" for i in range(args.num_images)]
     # what fixes image i besides (seed, i): a resumed run must not mix in images of other settings
-    settings = {"model": os.path.abspath(model_dir) if os.path.exists(args.model_dir) else args.model_dir,
+    settings = {"model": os.path.abspath(args.model_dir) if os.path.exists(args.model_dir) else args.model_dir,
                 "seed": args.seed, "sampler": args.sampler, "num_inference_steps": args.num_inference_steps,
                 "eta": args.eta, "bf16": args.bf16}
     settings_path = outdir / "sample_settings.json"
