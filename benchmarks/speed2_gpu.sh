@@ -99,6 +99,7 @@ part "train.py --compile ${TRAIN_FLAGS[*]}, $STEPS steps at batch $BIG_BATCH"
 if [ "$seconds" = 0 ]; then
     echo "skipped: the budget of ${BUDGET}s is spent"
 else
+    rm -rf /tmp/speed2-loop  # a rerun's logs must not mix with the last run's
     timeout -k 20 "$seconds" "$PYTHON" train.py --preset "$PRESET" --builtin_data --device "$DEVICE" --mixed_precision bf16 \
         --train_batch_size "$BIG_BATCH" --use_ema --dataloader_num_workers 4 --logging_steps 10 \
         --ddpm_num_inference_steps 20 --checkpointing_steps 100000 --max_train_steps "$STEPS" --compile \
