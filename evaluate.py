@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="bpd: the bound in bits/dim on data; shapes: the shapes score of samples (default: bpd)")
     add("--train_data_dir", default=None, help="bpd on a local folder of images")
     add("--dataset_name", default=None, help="bpd on a Hugging Face Hub dataset")
-    add("--split", default="test", help="the Hub dataset's split (default: test)")
+    add("--split", default=None, help="the Hub dataset's split (default: test)")
     add("--builtin_data", action="store_true", help=f"bpd on built-in shapes images of seed {HELD_OUT_SEED}, "
                                                     "which no training run (with --seed >= 0) has seen")
     add("--num_images", type=int, default=None,
@@ -71,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--metric bpd needs data: pass --train_data_dir, --dataset_name or --builtin_data")
     if args.metric == "shapes" and datasets:
         parser.error(f"--metric shapes scores samples the model draws; it takes no --{datasets[0]}")
+    if args.split is not None and not args.dataset_name:
+        parser.error(f"--split {args.split!r} picks a split of a --dataset_name; none was given")
+    args.split = args.split or "test"
     if args.metric == "shapes" and args.plot:
         parser.error("--plot draws the bits per timestep: it goes with --metric bpd")
     args.num_images = args.num_images if args.num_images is not None else {"bpd": 1000, "shapes": 256}[args.metric]
@@ -232,6 +235,10 @@ def main(argv=None) -> None:
     except PipelineLoadError as error:
         fail(str(error))
     resolution = resolution_of(unet.config, args.model_dir)
+    T = scheduler.config["num_train_timesteps"]
+    if args.metric == "shapes" and args.num_inference_steps > T:
+        fail(f"--num_inference_steps {args.num_inference_steps} exceeds the {T} training timesteps of "
+             f"{args.model_dir!r}")
     ctx = distributed.setup(args.device, timeout_s=1800)
     unet.to(ctx.device).eval()  # dropout off; the folder's weights are the EMA ones when training used EMA
     if args.metric == "bpd":
