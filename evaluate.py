@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, default=0, help="seed of the noise (default: 0)")
     add("--variance", choices=VARIANCES, default=None,
         help="the reverse process variance sigma_t^2: beta~_t or beta_t (default: the scheduler config's)")
-    add("--num_inference_steps", type=int, default=1000, help="denoising steps of the samples for --metric shapes")
+    add("--num_inference_steps", type=int, default=None,
+        help="denoising steps of the samples for --metric shapes (default: T, all the training timesteps)")
     add("--output_json", default=None, help="write the figures to this JSON file")
     add("--plot", default=None, help="draw the bits per timestep into this image file (needs matplotlib)")
     add("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
@@ -78,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--plot draws the bits per timestep: it goes with --metric bpd")
     args.num_images = args.num_images if args.num_images is not None else {"bpd": 1000, "shapes": 256}[args.metric]
     for name in ("num_images", "batch_size", "num_inference_steps"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is available here; use --device cpu")
@@ -236,6 +237,7 @@ def main(argv=None) -> None:
         fail(str(error))
     resolution = resolution_of(unet.config, args.model_dir)
     T = scheduler.config["num_train_timesteps"]
+    args.num_inference_steps = args.num_inference_steps or T
     if args.metric == "shapes" and args.num_inference_steps > T:
         fail(f"--num_inference_steps {args.num_inference_steps} exceeds the {T} training timesteps of "
              f"{args.model_dir!r}")
