@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="bpd: the bound in bits/dim on data; shapes: the shapes score of samples (default: bpd)")
     add("--train_data_dir", default=None, help="bpd on a local folder of images")
     add("--dataset_name", default=None, help="bpd on a Hugging Face Hub dataset")
-    add("--split", default="test", help="the Hub dataset's split (default: test)")
+    add("--split", default=None, help="the Hub dataset's split (default: test)")
     add("--builtin_data", action="store_true", help=f"bpd on built-in shapes images of seed {HELD_OUT_SEED}, "
                                                     "which no training run (with --seed >= 0) has seen")
     add("--num_images", type=int, default=None,
@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, default=0, help="seed of the noise (default: 0)")
     add("--variance", choices=VARIANCES, default=None,
         help="the reverse process variance sigma_t^2: beta~_t or beta_t (default: the scheduler config's)")
-    add("--num_inference_steps", type=int, default=1000, help="denoising steps of the samples for --metric shapes")
+    add("--num_inference_steps", type=int, default=None,
+        help="denoising steps of the samples for --metric shapes (default: T, all the training timesteps)")
     add("--output_json", default=None, help="write the figures to this JSON file")
     add("--plot", default=None, help="draw the bits per timestep into this image file (needs matplotlib)")
     add("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
@@ -71,11 +72,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--metric bpd needs data: pass --train_data_dir, --dataset_name or --builtin_data")
     if args.metric == "shapes" and datasets:
         parser.error(f"--metric shapes scores samples the model draws; it takes no --{datasets[0]}")
+    if args.split is not None and not args.dataset_name:
+        parser.error(f"--split {args.split!r} picks a split of a --dataset_name; none was given")
+    args.split = args.split or "test"
     if args.metric == "shapes" and args.plot:
         parser.error("--plot draws the bits per timestep: it goes with --metric bpd")
     args.num_images = args.num_images if args.num_images is not None else {"bpd": 1000, "shapes": 256}[args.metric]
     for name in ("num_images", "batch_size", "num_inference_steps"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is available here; use --device cpu")
@@ -232,6 +236,11 @@ def main(argv=None) -> None:
     except PipelineLoadError as error:
         fail(str(error))
     resolution = resolution_of(unet.config, args.model_dir)
+    T = scheduler.config["num_train_timesteps"]
+    args.num_inference_steps = args.num_inference_steps or T
+    if args.metric == "shapes" and args.num_inference_steps > T:
+        fail(f"--num_inference_steps {args.num_inference_steps} exceeds the {T} training timesteps of "
+             f"{args.model_dir!r}")
     ctx = distributed.setup(args.device, timeout_s=1800)
     unet.to(ctx.device).eval()  # dropout off; the folder's weights are the EMA ones when training used EMA
     if args.metric == "bpd":

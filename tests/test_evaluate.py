@@ -196,6 +196,10 @@ BAD_INPUTS = {
                                                 "--plot"),
     "plot_to_an_unknown_format": lambda tmp: ([str(unet_folder(tmp / "m")), "--builtin_data", "--plot", "p.xyz"],
                                               "'p.xyz'"),
+    "split_without_a_hub_dataset": lambda tmp: ([str(unet_folder(tmp / "m")), "--builtin_data", "--split", "test"],
+                                                "--split 'test'"),
+    "more_denoising_steps_than_timesteps": lambda tmp: (
+        [str(unet_folder(tmp / "m")), "--metric", "shapes", "--num_inference_steps", "50"], "exceeds the 20"),
     "shapes_score_of_a_grey_model": lambda tmp: (
         [str(unet_folder(tmp / "m", in_channels=1, out_channels=1)), "--metric", "shapes"], "1 channel"),
 }
