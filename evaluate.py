@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="bpd: the bound in bits/dim on data; shapes: the shapes score of samples (default: bpd)")
     add("--train_data_dir", default=None, help="bpd on a local folder of images")
     add("--dataset_name", default=None, help="bpd on a Hugging Face Hub dataset")
-    add("--split", default=None, help="the Hub dataset's split (default: test)")
+    add("--split", default=None,
+        help="the split of a Hub dataset (default: test) or of a folder of IDX files (train or test; default: train)")
     add("--builtin_data", action="store_true", help=f"bpd on built-in shapes images of seed {HELD_OUT_SEED}, "
                                                     "which no training run (with --seed >= 0) has seen")
     add("--num_images", type=int, default=None,
@@ -72,9 +73,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--metric bpd needs data: pass --train_data_dir, --dataset_name or --builtin_data")
     if args.metric == "shapes" and datasets:
         parser.error(f"--metric shapes scores samples the model draws; it takes no --{datasets[0]}")
-    if args.split is not None and not args.dataset_name:
-        parser.error(f"--split {args.split!r} picks a split of a --dataset_name; none was given")
-    args.split = args.split or "test"
+    if args.split is not None and not (args.dataset_name or args.train_data_dir):
+        parser.error(f"--split {args.split!r} picks a split of a --dataset_name or of a folder of IDX files; "
+                     "neither was given")
+    args.split = args.split or ("test" if args.dataset_name else "train")
     if args.metric == "shapes" and args.plot:
         parser.error("--plot draws the bits per timestep: it goes with --metric bpd")
     args.num_images = args.num_images if args.num_images is not None else {"bpd": 1000, "shapes": 256}[args.metric]

@@ -228,6 +228,9 @@ def load_images(
 
         if Path(train_data_dir).is_dir() and idx_image_files(train_data_dir):  # MNIST-style: train-*/t10k-* by split
             return IdxSource(train_data_dir, split)
+        if split != "train":
+            raise DataError(f"split {split!r} of --train_data_dir {train_data_dir!r}: a folder of images has no splits "
+                            "(a folder of MNIST-format IDX files, or a Hub dataset, has)")
         return FolderSource(train_data_dir)
     if not dataset_name:
         return make_builtin_source(resolution, seed, builtin_size)

@@ -153,6 +153,17 @@ def test_a_folder_of_images_is_evaluated(tmp_path, capsys):
     assert out.strip().splitlines()[-1].endswith("over 3 images")
 
 
+def test_a_folder_of_idx_files_is_read_from_the_split_asked_for(tmp_path, capsys):
+    from test_idx import write_idx, random_images
+    tiny_pipeline(tmp_path / "model")
+    write_idx(tmp_path / "idx" / "train-images-idx3-ubyte.gz", random_images(3, size=8), gz=True)
+    write_idx(tmp_path / "idx" / "t10k-images-idx3-ubyte.gz", random_images(2, size=8), gz=True)
+    for split, count in (("test", 2), ("train", 3)):
+        out = run_in_process([str(tmp_path / "model"), "--train_data_dir", str(tmp_path / "idx"), "--split", split,
+                              "--num_images", "5"], capsys)
+        assert out.strip().splitlines()[-1].endswith(f"over {count} images")
+
+
 def test_shapes_metric_prints_the_score_of_the_samples(tmp_path, capsys):
     tiny_pipeline(tmp_path / "model")
     out = run_in_process([str(tmp_path / "model"), "--metric", "shapes", "--num_images", "3", "--num_inference_steps",
@@ -196,6 +207,9 @@ BAD_INPUTS = {
                                                 "--plot"),
     "plot_to_an_unknown_format": lambda tmp: ([str(unet_folder(tmp / "m")), "--builtin_data", "--plot", "p.xyz"],
                                               "'p.xyz'"),
+    "split_of_a_folder_of_images": lambda tmp: (
+        [str(unet_folder(tmp / "m")), "--train_data_dir", str(folder(tmp / "d")), "--split", "test"],
+        "a folder of images has no splits"),
     "split_without_a_hub_dataset": lambda tmp: ([str(unet_folder(tmp / "m")), "--builtin_data", "--split", "test"],
                                                 "--split 'test'"),
     "more_denoising_steps_than_timesteps": lambda tmp: (
