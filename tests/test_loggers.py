@@ -4,6 +4,7 @@ wandb runs offline (WANDB_MODE=offline), its settings and caches in tmp_path: no
 """
 
 import contextlib
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -114,7 +115,8 @@ def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, wandb_offline):
     wandb_run(tmp_path, resume_from_checkpoint="latest", output_dir=out)
     first, resumed = run_folders(out)
     run_id = (out / "logs" / "wandb_run_id").read_text()
-    assert first.name.endswith(f"-{run_id}") and resumed.name.endswith(f"-{run_id}")
+    # wandb names a run's folder run-<time>-<id>, adding -1 when a resume starts within the same second
+    assert all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", run.name) for run in (first, resumed))
     assert {run for run, _, _ in wandb_offline.logs} == {run_id}
     assert [step for _, step, data in wandb_offline.logs if "samples" not in data] == [1, 2, 3, 4]
 
