@@ -24,7 +24,6 @@ written under a temporary name and renamed when complete.
 
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -32,11 +31,11 @@ from typing import NoReturn
 
 import torch
 from PIL import Image
-from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from ddpm import DDIMScheduler, DDPMScheduler, PipelineLoadError, distributed, generate, load_pipeline
 from ddpm.fast_sampling import FastUNet
+from ddpm.sampling import sample_grid
 from ddpm.pipeline_io import pipeline_folder, write_temporary
 from ddpm.sampling import image_generators
 
@@ -193,7 +192,7 @@ for start in range(0, args.num_images, args.batch_size):
     batches.append(draw(batch_size, generator, progress=True))
 images = torch.cat(batches)  # (N, C, H, W) in [0, 1]
 
-grid = make_grid(images, nrow=math.ceil(math.sqrt(args.num_images)))
+grid = sample_grid(images)  # enlarged, nearest-neighbour, to at least 256 px
 to_pil(grid).save(args.output)
 print(f"wrote {args.output} ({args.num_images} images)")
 if args.outdir is not None:

@@ -32,7 +32,7 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from ddpm import DDIMScheduler, DDPMScheduler, UNet2DModel, generate, save_pipeline
@@ -48,6 +48,7 @@ from ddpm.loggers import LoggerError, make_logger
 from ddpm.lr_schedule import make_lr_scheduler
 from ddpm.model_card import write_model_card
 from ddpm.presets import PRESETS, check_preset_data
+from ddpm.sampling import sample_grid
 from ddpm.shapes_score import shapes_score
 
 # Configuration: preset values, overridden by explicit flags.
@@ -439,7 +440,7 @@ def main(argv=None) -> None:
         grid_scheduler = DDIMScheduler.from_config(scheduler.config) if args.sampler == "ddim" else scheduler
         images = generate(weights, grid_scheduler, args.eval_batch_size, torch.Generator().manual_seed(args.seed),
                           args.ddpm_num_inference_steps, progress=True)
-        grid = make_grid(images, nrow=math.ceil(math.sqrt(len(images))))
+        grid = sample_grid(images)
         (output_dir / "samples").mkdir(parents=True, exist_ok=True)
         save_image(grid, output_dir / "samples" / f"{epoch_number:04d}.png")
         logger.log_image("samples", grid, step)

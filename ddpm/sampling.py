@@ -1,8 +1,11 @@
 """Sampling: DDPM Algorithm 2 or DDIM (Eq. 12), run exactly as diffusers' DDPMPipeline and DDIMPipeline run them."""
 
+import math
+
 import numpy as np
 import torch
 from torch import nn
+from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 from .ddim import DDIMScheduler
@@ -63,3 +66,12 @@ def image_generators(seed: int, indices: list[int]) -> list[torch.Generator]:
     """
     start = int(np.random.SeedSequence(seed).generate_state(1)[0])
     return [torch.Generator().manual_seed((start + i) % 2**32) for i in indices]
+
+
+def sample_grid(images: torch.Tensor, min_side: int = 256) -> torch.Tensor:
+    """The images (B, C, H, W) in [0, 1] as one grid of ceil(sqrt(B)) columns (torchvision's make_grid, 2 px
+    padding), enlarged by a whole factor, nearest-neighbour, until its short side is at least `min_side` pixels:
+    16 tiles of 16 px make a 74 px grid, too small to judge on a screen, shown at 296 px; each pixel a block."""
+    grid = make_grid(images, nrow=math.ceil(math.sqrt(len(images))))
+    factor = math.ceil(min_side / min(grid.shape[1:]))
+    return grid.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2) if factor > 1 else grid

@@ -174,7 +174,8 @@ def test_the_fashion_mnist_preset_trains_a_one_channel_28px_model_on_its_default
     assert (config["in_channels"], config["out_channels"], config["sample_size"]) == (1, 1, 28)
     [grid_png] = (tmp_path / "out" / "samples").glob("*.png")
     with Image.open(grid_png) as grid:
-        assert grid.size == (2 + 2 * 30, 2 + 30)  # make_grid: two 28x28 images side by side, 2-pixel padding
+        # make_grid: two 28x28 images side by side, 2-pixel padding (62 x 32), enlarged 8x to reach 256 px
+        assert grid.size == (8 * (2 + 2 * 30), 8 * (2 + 30))
 
 
 def test_the_fashion_mnist_preset_without_its_folder_says_in_one_line_how_to_get_the_data(tmp_path, monkeypatch):

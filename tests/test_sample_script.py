@@ -63,10 +63,10 @@ def test_single_images_equal_ddpm_pipeline_pixel_for_pixel(rgb_run):
 def test_grid_has_ceil_sqrt_columns_of_the_images(rgb_run):
     _, tmp, _ = rgb_run
     grid = np.asarray(Image.open(tmp / "grid.png"))
-    # make_grid: 2 x 2 tiles of 8 px with 2 px padding around each
-    assert grid.shape == (22, 22, 3)
+    # make_grid: 2 x 2 tiles of 8 px with 2 px padding around each, 22 px, enlarged 12x to reach 256 px
+    assert grid.shape == (264, 264, 3)
     bottom_right = np.asarray(Image.open(tmp / "single" / "0003.png"))
-    assert np.array_equal(grid[12:20, 12:20], bottom_right)
+    assert np.array_equal(grid[12 * 12:20 * 12, 12 * 12:20 * 12], bottom_right.repeat(12, 0).repeat(12, 1))
 
 
 def test_first_batch_equals_ddpm_pipeline_of_that_batch_size_grayscale(tmp_path):
@@ -82,7 +82,7 @@ def test_first_batch_equals_ddpm_pipeline_of_that_batch_size_grayscale(tmp_path)
         assert ours.mode == image.mode == "L"
         assert np.array_equal(np.asarray(ours), np.asarray(image)), f"image {i}"
     assert (tmp_path / "single" / "0003.png").exists()
-    assert Image.open(tmp_path / "grid.png").size == (22, 22)
+    assert Image.open(tmp_path / "grid.png").size == (264, 264)
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:

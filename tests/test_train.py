@@ -570,8 +570,8 @@ def test_output_folder_holds_the_ema_weights(finished_run):
 def test_a_sample_grid_png_is_written(finished_run):
     [grid] = (finished_run / "samples").glob("*.png")
     with Image.open(grid) as image:
-        # make_grid: 2 images of 8x8 side by side with 2-pixel padding
-        assert (image.format, image.mode, image.size) == ("PNG", "RGB", (22, 12))
+        # make_grid: 2 images of 8x8 side by side with 2-pixel padding, 22 x 12 px, enlarged 22x to reach 256 px
+        assert (image.format, image.mode, image.size) == ("PNG", "RGB", (22 * 22, 12 * 22))
 
 
 def test_tensorboard_logs_loss_lr_grad_norm_and_throughput_each_logging_step(finished_run):
