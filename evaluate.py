@@ -29,7 +29,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ddpm import PipelineLoadError, distributed, generate, load_pipeline
+from ddpm import DDIMScheduler, DDPMScheduler, PipelineLoadError, distributed, generate, load_pipeline
 from ddpm.data import HELD_OUT_SEED, DataError, TrainingImages, load_images
 from ddpm.likelihood import VARIANCES, VariationalBound, model_variance_of, x0_from_pixels
 from ddpm.pipeline_io import pipeline_folder
@@ -55,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--variance", choices=VARIANCES, default=None,
         help="the reverse process variance sigma_t^2: beta~_t or beta_t (default: the scheduler config's)")
     add("--num_inference_steps", type=int, default=None,
-        help="denoising steps of the samples for --metric shapes (default: T, all the training timesteps)")
+        help="denoising steps of the samples for --metric shapes (default: T with ddpm, 50 with ddim)")
+    add("--sampler", choices=["ddpm", "ddim"], default="ddpm",
+        help="how --metric shapes draws its samples: ddpm, or ddim (50 steps unless --num_inference_steps)")
     add("--output_json", default=None, help="write the figures to this JSON file")
     add("--plot", default=None, help="draw the bits per timestep into this image file (needs matplotlib)")
     add("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
@@ -77,6 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--split {args.split!r} picks a split of a --dataset_name or of a folder of IDX files; "
                      "neither was given")
     args.split = args.split or ("test" if args.dataset_name else "train")
+    if args.metric == "bpd" and args.sampler != "ddpm":
+        parser.error(f"--sampler {args.sampler} draws samples for --metric shapes; the bound of --metric bpd has none")
     if args.metric == "shapes" and args.plot:
         parser.error("--plot draws the bits per timestep: it goes with --metric bpd")
     args.num_images = args.num_images if args.num_images is not None else {"bpd": 1000, "shapes": 256}[args.metric]
@@ -198,8 +202,10 @@ def evaluate_shapes(args: argparse.Namespace, unet, scheduler, ctx: distributed.
                                       "classes_covered": result.classes_covered,
                                       "tv_to_uniform": result.tv_to_uniform, "median_rmse": result.median_rmse,
                                       "num_images": result.num_images,
-                                      "valid_rmse": VALID_RMSE, "num_inference_steps": args.num_inference_steps})
-    print(f"shapes score: {result} over {result.num_images} samples ({args.num_inference_steps} denoising steps)")
+                                      "valid_rmse": VALID_RMSE, "sampler": args.sampler,
+                                      "num_inference_steps": args.num_inference_steps})
+    print(f"shapes score: {result} over {result.num_images} samples ({args.sampler}, {args.num_inference_steps} "
+          "denoising steps)")
 
 
 def write_json(path: str, figures: dict) -> None:
@@ -234,12 +240,13 @@ def plot_bits_per_timestep(per_timestep: list[float], prior: float, path: str) -
 def main(argv=None) -> None:
     args = parse_args(argv)
     try:
-        unet, scheduler = load_pipeline(pipeline_folder(args.model_dir), dtype=torch.float32)
+        unet, scheduler = load_pipeline(pipeline_folder(args.model_dir), dtype=torch.float32,
+                                        scheduler_class=DDIMScheduler if args.sampler == "ddim" else DDPMScheduler)
     except PipelineLoadError as error:
         fail(str(error))
     resolution = resolution_of(unet.config, args.model_dir)
     T = scheduler.config["num_train_timesteps"]
-    args.num_inference_steps = args.num_inference_steps or T
+    args.num_inference_steps = args.num_inference_steps or (50 if args.sampler == "ddim" else T)
     if args.metric == "shapes" and args.num_inference_steps > T:
         fail(f"--num_inference_steps {args.num_inference_steps} exceeds the {T} training timesteps of "
              f"{args.model_dir!r}")

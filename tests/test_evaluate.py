@@ -16,10 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm import DDPMScheduler, UNet2DModel, save_pipeline
+from ddpm import DDIMScheduler, DDPMScheduler, UNet2DModel, generate, save_pipeline
 from ddpm.data import HELD_OUT_SEED, TrainingImages, make_builtin_source
 from ddpm.likelihood import VariationalBound, x0_from_pixels
-from ddpm.shapes_score import VALID_RMSE
+from ddpm.shapes_score import VALID_RMSE, shapes_score
 from oracle import perturb_, single_thread  # noqa: F401  (autouse fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,9 +172,22 @@ def test_shapes_metric_prints_the_score_of_the_samples(tmp_path, capsys):
     figures = json.loads((tmp_path / "f.json").read_text())
     assert out.strip().splitlines()[-1] == (
         f"shapes score: valid 0.000 (0 of 3), classes 0 of 24, TV to uniform 1.000, median fit RMSE "
-        f"{figures['median_rmse']:.1f} over 3 samples (2 denoising steps)")
+        f"{figures['median_rmse']:.1f} over 3 samples (ddpm, 2 denoising steps)")
     assert (figures["valid_fraction"], figures["classes_covered"], figures["num_images"]) == (0.0, 0, 3)
     assert figures["median_rmse"] > VALID_RMSE
+
+
+def test_shapes_metric_with_ddim_scores_the_samples_ddim_draws(tmp_path, capsys):
+    unet, scheduler = tiny_pipeline(tmp_path / "model")
+    run_in_process([str(tmp_path / "model"), "--metric", "shapes", "--sampler", "ddim", "--num_images", "3",
+                    "--num_inference_steps", "4", "--seed", "5", "--output_json", str(tmp_path / "f.json")], capsys)
+    figures = json.loads((tmp_path / "f.json").read_text())
+    expected = {}
+    for name, sampler in (("ddim", DDIMScheduler.from_config(scheduler.config)), ("ddpm", scheduler)):
+        expected[name] = shapes_score(generate(unet, sampler, 3, torch.Generator().manual_seed(5), 4)).median_rmse
+    assert expected["ddim"] != expected["ddpm"]  # the two samplers draw different images from the same noise
+    assert (figures["sampler"], figures["num_inference_steps"]) == ("ddim", 4)
+    assert figures["median_rmse"] == pytest.approx(expected["ddim"], abs=1e-4)
 
 
 def folder(path: Path) -> Path:
@@ -214,6 +227,8 @@ BAD_INPUTS = {
                                                 "--split 'test'"),
     "more_denoising_steps_than_timesteps": lambda tmp: (
         [str(unet_folder(tmp / "m")), "--metric", "shapes", "--num_inference_steps", "50"], "exceeds the 20"),
+    "sampler_with_the_bpd_metric": lambda tmp: ([str(unet_folder(tmp / "m")), "--builtin_data", "--sampler", "ddim"],
+                                                "--sampler ddim"),
     "shapes_score_of_a_grey_model": lambda tmp: (
         [str(unet_folder(tmp / "m", in_channels=1, out_channels=1)), "--metric", "shapes"], "1 channel"),
 }
