@@ -49,7 +49,7 @@ from ddpm.lr_schedule import make_lr_scheduler
 from ddpm.model_card import write_model_card
 from ddpm.presets import PRESETS, check_preset_data
 from ddpm.sampling import sample_grid
-from ddpm.shapes_score import shapes_score
+from ddpm.shapes_score import ShapesScore, shapes_score
 
 # Configuration: preset values, overridden by explicit flags.
 
@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="GroupNorm keeps bf16/fp16 inputs and outputs under autocast, fp32 statistics; for --compile, "
              "not yet measured on a GPU")
     add("--compile", action="store_true", help="torch.compile the UNet for training (the first steps compile)")
+    add("--score_images", type=int, default=0,
+        help="on the built-in data: the shapes score of this many samples at the end, drawn as the grids are")
     add("--eval_bpd_images", type=int, default=0,
         help="at each pipeline save, log an unbiased estimate of bits/dim (eval/bpd_estimate) on N built-in images "
              "of another seed, or on the first N training images of other data; 0: off")
@@ -173,7 +175,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("learning_rate", "adam_epsilon", "ema_inv_gamma", "ddp_timeout", "max_grad_norm", "snr_gamma"):
         if getattr(args, name) is not None and not getattr(args, name) > 0:
             parser.error(f"--{name} must be > 0, got {getattr(args, name)}")
-    for name in ("dataloader_num_workers", "lr_warmup_steps", "adam_weight_decay", "eval_bpd_images"):
+    for name in ("dataloader_num_workers", "lr_warmup_steps", "adam_weight_decay", "eval_bpd_images", "score_images"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     if not (0 <= args.adam_beta1 < 1 and 0 <= args.adam_beta2 < 1 and 0 <= args.ema_max_decay <= 1):
@@ -418,7 +420,7 @@ def main(argv=None) -> None:
     # of bits/dim at each pipeline save, on built-in images of a seed no run trains on, or on other data (which has
     # no held-out split here) on the first training images, under a tag that says so
     builtin = not args.dataset_name and not args.train_data_dir
-    shapes_scores, evaluation = [], {}  # evaluation: the figures the model card shows
+    shapes_scores, final_score, evaluation = [], None, {}  # evaluation: the figures the model card shows
     if args.eval_bpd_images and ctx.is_main:
         eval_source = load_images(None, None, None, None, args.resolution, HELD_OUT_SEED,
                                   builtin_size=args.eval_bpd_images) if builtin else source
@@ -435,21 +437,37 @@ def main(argv=None) -> None:
         ema.copy_to(ema_model)
         return ema_model
 
+    grid_scheduler = DDIMScheduler.from_config(scheduler.config) if args.sampler == "ddim" else scheduler
+    scored = builtin and channels == 3  # does each sample look like an image of the dataset? (ddpm/shapes_score.py)
+
+    def log_shapes_score(tag: str, result: ShapesScore) -> None:
+        logger.log_scalars({f"{tag}/shapes_valid_fraction": result.valid_fraction,
+                            f"{tag}/shapes_classes_covered": result.classes_covered,
+                            f"{tag}/shapes_tv_to_uniform": result.tv_to_uniform,
+                            f"{tag}/shapes_median_rmse": result.median_rmse}, step)
+
     def save_samples(weights: torch.nn.Module, epoch_number: int) -> None:
         # a fixed seed, so grids are comparable over the run
-        grid_scheduler = DDIMScheduler.from_config(scheduler.config) if args.sampler == "ddim" else scheduler
         images = generate(weights, grid_scheduler, args.eval_batch_size, torch.Generator().manual_seed(args.seed),
                           args.ddpm_num_inference_steps, progress=True)
         grid = sample_grid(images)
         (output_dir / "samples").mkdir(parents=True, exist_ok=True)
         save_image(grid, output_dir / "samples" / f"{epoch_number:04d}.png")
         logger.log_image("samples", grid, step)
-        if builtin and channels == 3:  # does each sample look like an image of the dataset? (ddpm/shapes_score.py)
+        if scored:
             shapes_scores.append(shapes_score(images))
-            logger.log_scalars({"samples/shapes_valid_fraction": shapes_scores[-1].valid_fraction,
-                                "samples/shapes_classes_covered": shapes_scores[-1].classes_covered,
-                                "samples/shapes_tv_to_uniform": shapes_scores[-1].tv_to_uniform,
-                                "samples/shapes_median_rmse": shapes_scores[-1].median_rmse}, step)
+            log_shapes_score("samples", shapes_scores[-1])
+
+    def score_samples(weights: torch.nn.Module) -> ShapesScore:
+        """The shapes score of --score_images samples drawn as the grids are, in batches of 64 (other noise)."""
+        generator, samples = torch.Generator().manual_seed(args.seed + 1), []
+        for start in range(0, args.score_images, 64):
+            samples.append(generate(weights, grid_scheduler, min(64, args.score_images - start), generator,
+                                    args.ddpm_num_inference_steps, progress=True))
+        result = shapes_score(torch.cat(samples))
+        log_shapes_score("eval", result)
+        evaluation[f"shapes score: valid fraction of {args.score_images} samples"] = result.valid_fraction
+        return result
 
     def save_pipeline_and_card(weights: torch.nn.Module) -> None:
         """The pipeline folder and its model card, uploaded with --push_to_hub."""
@@ -459,7 +477,7 @@ def main(argv=None) -> None:
             evaluation[f"bits/dim, estimated on {len(eval_x0)} {eval_images} images"] = estimate
             logger.log_scalars({bpd_tag: estimate}, step)
             tqdm.write(f"step {step}: bits/dim estimate {estimate:.4f} on {len(eval_x0)} {eval_images} images")
-        if shapes_scores:
+        if shapes_scores and final_score is None:
             evaluation["shapes score: valid fraction of the last grid"] = shapes_scores[-1].valid_fraction
         write_model_card(output_dir, args, data=source.description, world_size=ctx.world_size, step=step,
                          total_steps=total_steps, loss=logs.get("loss"), evaluation=evaluation or None,
@@ -582,11 +600,16 @@ def main(argv=None) -> None:
             weights = sampling_model()  # one EMA copy for both
             if save_images:
                 save_samples(weights, completed_epochs)
+            if last and scored and args.score_images:
+                final_score = score_samples(weights)
             if save_model:
                 save_pipeline_and_card(weights)
 
     progress.close()
-    if shapes_scores:
+    if final_score is not None:
+        steps = f"{args.sampler}, {args.ddpm_num_inference_steps} steps"
+        log_main(ctx, f"shapes score of {args.score_images} samples ({steps}): {final_score}")
+    elif shapes_scores:
         log_main(ctx, f"shapes score of the last sample grid: {shapes_scores[-1]}")
     if logger is not None:
         logger.close()

@@ -70,7 +70,7 @@ def tiny_args(tmp_path: Path, model: dict | None = None, **options) -> list[str]
     config.write_text(json.dumps(TINY_UNET if model is None else model))
     options = {"model_config_name_or_path": config, "output_dir": tmp_path / "out", "resolution": 8,
                "train_batch_size": 4, "eval_batch_size": 2, "ddpm_num_inference_steps": 2, "lr_warmup_steps": 1,
-               "max_train_steps": 2, "device": "cpu", "use_ema": False, **options}
+               "max_train_steps": 2, "device": "cpu", "use_ema": False, "score_images": 0, **options}
     argv = []
     for name, value in options.items():
         if value is True or value is False:  # a bare flag, or its --no- form
