@@ -18,7 +18,7 @@ from huggingface_hub import RepoUrl
 
 from ddpm import hub
 from oracle import single_thread  # noqa: F401  (autouse fixture)
-from test_train import image_folder, own_signal_handlers, tiny_args, train
+from test_train import image_folder, tiny_args, train
 
 PIPELINE = ["model_index.json", "scheduler/scheduler_config.json", "unet/config.json",
             "unet/diffusion_pytorch_model.safetensors"]
@@ -75,12 +75,6 @@ def fake_hub(monkeypatch):
     monkeypatch.setattr(hub, "get_token", lambda: "hf_valid")
     monkeypatch.setattr(hub, "unreachable_reason", lambda endpoint: None)
     return fake
-
-
-@pytest.fixture(autouse=True)
-def restore_signal_handlers():
-    with own_signal_handlers():
-        yield
 
 
 def output_folder(path: Path) -> Path:

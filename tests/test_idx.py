@@ -1,10 +1,8 @@
 """MNIST-format IDX files (ddpm/idx.py) and the fashion-mnist preset, on small IDX files written here."""
 
 import gzip
-import importlib.util
 import json
 import re
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +14,7 @@ from ddpm import presets
 from ddpm.data import DataError, TrainingImages, load_images
 from ddpm.idx import read_idx_images
 from oracle import single_thread  # noqa: F401  (autouse fixture)
-
-TRAIN_PY = Path(__file__).resolve().parents[1] / "train.py"
-_spec = importlib.util.spec_from_file_location("train", TRAIN_PY)
-train = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train)
+from train_script import train
 
 
 def idx_bytes(images: np.ndarray, magic: bytes = b"\x00\x00\x08\x03") -> bytes:
@@ -150,15 +144,6 @@ def test_a_folder_without_the_splits_file_names_the_idx_files_it_holds(tmp_path)
 
 # -----------------------------------------------------------------------------
 # The fashion-mnist preset, trained in this process as train.py runs it
-
-
-@pytest.fixture(autouse=True)
-def restore_signal_handlers():
-    """train.main installs SIGTERM/SIGINT handlers; give pytest its own back afterwards."""
-    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
-    yield
-    for signum, handler in saved.items():
-        signal.signal(signum, handler)
 
 
 # The preset, cut to one step at batch 4 and a 2-step sample grid of 2 images

@@ -21,12 +21,6 @@ from test_train import TRAIN_PY, image_folder, own_signal_handlers, tiny_args, t
 SCALARS = {"train/loss", "train/lr", "train/grad_norm", "train/images_per_s", "train/skipped_steps"}
 
 
-@pytest.fixture(autouse=True)
-def restore_signal_handlers():
-    with own_signal_handlers():
-        yield
-
-
 @contextlib.contextmanager
 def offline_wandb(home: Path):
     """wandb without network, its settings and caches in `home`; records each run.log and each wandb.init config."""

@@ -1,17 +1,12 @@
 """The model card train.py writes as output_dir/README.md with each pipeline save."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard
 
 from ddpm.model_card import write_model_card
-
-TRAIN_PY = Path(__file__).resolve().parents[1] / "train.py"
-_spec = importlib.util.spec_from_file_location("train", TRAIN_PY)
-train = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train)
+from train_script import train
 
 
 def card(tmp_path: Path, argv: list[str] = (), **options) -> str:

@@ -4,8 +4,6 @@ Most runs call train.main(argv) in this process (a subprocess spends seconds imp
 the SIGTERM test and one error test run `python train.py` to see what the user sees.
 """
 
-import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -30,11 +28,8 @@ from ddpm import DDPMScheduler, UNet2DModel, generate, load_pipeline
 from ddpm.checkpoint import list_checkpoints, load_checkpoint
 from ddpm.loss import diffusion_loss, training_target
 from oracle import perturb_, single_thread  # noqa: F401  (autouse fixture)
+from train_script import TRAIN_PY, own_signal_handlers, train
 
-TRAIN_PY = Path(__file__).resolve().parents[1] / "train.py"
-_spec = importlib.util.spec_from_file_location("train", TRAIN_PY)
-train = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train)
 
 # Two levels, so any even resolution works; sample_size comes from --resolution.
 TINY_UNET = {
@@ -44,23 +39,6 @@ TINY_UNET = {
     "layers_per_block": 1,
     "norm_num_groups": 8,
 }
-
-
-@contextlib.contextmanager
-def own_signal_handlers():
-    """train.main installs SIGTERM/SIGINT handlers; give pytest its own back afterwards."""
-    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for signum, handler in saved.items():
-            signal.signal(signum, handler)
-
-
-@pytest.fixture(autouse=True)
-def restore_signal_handlers():
-    with own_signal_handlers():
-        yield
 
 
 def tiny_args(tmp_path: Path, model: dict | None = None, **options) -> list[str]:

@@ -1,9 +1,7 @@
 """What train.py measures about the model it trains: the shapes score of each sample grid on the built-in data,
 and with --eval_bpd_images an estimate of bits/dim at each pipeline save."""
 
-import importlib.util
 import json
-import signal
 import sys
 from pathlib import Path
 
@@ -18,26 +16,14 @@ from ddpm.data import HELD_OUT_SEED, make_builtin_source
 from ddpm.likelihood import VariationalBound, estimate_bits_per_dim, images_as_x0
 from ddpm.shapes_score import VALID_RMSE, shapes_score
 from oracle import single_thread  # noqa: F401  (autouse fixture)
+from train_script import TRAIN_PY, own_signal_handlers, train
 
-TRAIN_PY = Path(__file__).resolve().parents[1] / "train.py"
-_spec = importlib.util.spec_from_file_location("train", TRAIN_PY)
-train = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train)
 
 # train.main's @record cannot install its fault handler under pytest's captured output
 pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
 
 TINY_UNET = {"block_out_channels": [16, 32], "down_block_types": ["DownBlock2D", "DownBlock2D"],
              "up_block_types": ["UpBlock2D", "UpBlock2D"], "layers_per_block": 1, "norm_num_groups": 8}
-
-
-@pytest.fixture(autouse=True)
-def restore_signal_handlers():
-    """train.main installs SIGTERM/SIGINT handlers; give pytest its own back afterwards."""
-    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
-    yield
-    for signum, handler in saved.items():
-        signal.signal(signum, handler)
 
 
 def run(tmp_path: Path, *extra: str) -> Path:
@@ -94,7 +80,6 @@ def test_a_negative_eval_bpd_images_is_a_one_line_error(tmp_path, monkeypatch, c
     assert capsys.readouterr().err.strip().splitlines()[-1] == "train.py: error: --eval_bpd_images must be >= 0, got -1"
 
 
-
 @pytest.fixture(scope="module")
 def trained_and_untrained(tmp_path_factory):
     """A tiny model trained 500 steps on the built-in data at 8 px, and the same UNet untrained.
@@ -102,12 +87,10 @@ def trained_and_untrained(tmp_path_factory):
     T = 20 keeps the exact bound and sampling cheap; the cosine schedule takes x_T to noise even with so few
     steps (the linear betas of 1e-4..0.02 would leave alpha_bar_T = 0.82); 500 steps learn colours and shapes."""
     tmp_path = tmp_path_factory.mktemp("trained")
-    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
-    output_dir = run(tmp_path, "--max_train_steps", "500", "--train_batch_size", "16", "--learning_rate", "2e-3",
-                     "--ddpm_num_steps", "20", "--ddpm_beta_schedule", "squaredcos_cap_v2", "--checkpointing_steps",
-                     "1000")
-    for signum, handler in saved.items():
-        signal.signal(signum, handler)
+    with own_signal_handlers():  # this module-scoped fixture runs before restore_signal_handlers saves them
+        output_dir = run(tmp_path, "--max_train_steps", "500", "--train_batch_size", "16", "--learning_rate", "2e-3",
+                         "--ddpm_num_steps", "20", "--ddpm_beta_schedule", "squaredcos_cap_v2",
+                         "--checkpointing_steps", "1000")
     trained, scheduler = load_pipeline(output_dir)
     torch.manual_seed(0)
     return trained, type(trained)(**trained.config).eval(), scheduler

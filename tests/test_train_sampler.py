@@ -1,23 +1,17 @@
 """train.py --sampler ddim: the sample grids come from DDIM, 50 steps unless --ddpm_num_inference_steps is given."""
 
-import importlib.util
 import json
-import signal
-from pathlib import Path
 
 import diffusers
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision.utils import make_grid
 
+from ddpm.sampling import sample_grid
 from oracle import single_thread  # noqa: F401  (autouse fixture)
+from train_script import train
 
-TRAIN_PY = Path(__file__).resolve().parents[1] / "train.py"
-_spec = importlib.util.spec_from_file_location("train", TRAIN_PY)
-train = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train)
 
 TINY_UNET = {"block_out_channels": [16, 32], "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
              "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "layers_per_block": 1, "norm_num_groups": 8}
@@ -32,18 +26,13 @@ def test_ddim_grids_take_50_steps_unless_steps_are_given(flags, steps):
 def test_a_ddim_grid_holds_ddim_pipelines_images_of_the_saved_weights(tmp_path):
     config = tmp_path / "unet.json"
     config.write_text(json.dumps(TINY_UNET))
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        train.main(["--model_config_name_or_path", str(config), "--output_dir", str(tmp_path / "out"),
-                    "--resolution", "8", "--train_batch_size", "4", "--eval_batch_size", "2", "--max_train_steps", "2",
-                    "--lr_warmup_steps", "1", "--device", "cpu", "--no-use_ema", "--sampler", "ddim", "--seed", "4"])
-    finally:
-        for signum, handler in handlers.items():  # train.main installs its own
-            signal.signal(signum, handler)
+    train.main(["--model_config_name_or_path", str(config), "--output_dir", str(tmp_path / "out"),
+                "--resolution", "8", "--train_batch_size", "4", "--eval_batch_size", "2", "--max_train_steps", "2",
+                "--lr_warmup_steps", "1", "--device", "cpu", "--no-use_ema", "--sampler", "ddim", "--seed", "4"])
     pipeline = diffusers.DDIMPipeline.from_pretrained(tmp_path / "out")
     pipeline.set_progress_bar_config(disable=True)
     images = pipeline(2, generator=torch.manual_seed(4), output_type="pt").images  # 50 steps
-    # torchvision's save_image, which wrote the grid: x * 255 + 0.5, clamped, truncated
-    expected = make_grid(images, nrow=2).mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    # the grid (enlarged to 256 px) as torchvision's save_image wrote it: x * 255 + 0.5, clamped, truncated
+    expected = sample_grid(images).mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
     [grid] = (tmp_path / "out" / "samples").glob("*.png")
     assert np.array_equal(np.asarray(Image.open(grid)), expected)
