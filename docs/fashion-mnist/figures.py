@@ -20,7 +20,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path, help="a train.py --output_dir")
     parser.add_argument("out_prefix", help="path prefix of the two PNGs")
-    parser.add_argument("--scale", type=int, default=8, help="nearest-neighbour upscaling of the grid")
+    parser.add_argument("--min_side", type=int, default=480,
+                        help="enlarge the grid by a whole factor, nearest-neighbour, to at least this many pixels")
     args = parser.parse_args()
 
     grids = sorted((args.run_dir / "samples").glob("*.png"))
@@ -28,7 +29,8 @@ def main() -> None:
         parser.error(f"no sample grid in {args.run_dir / 'samples'}")
     with Image.open(grids[-1]) as grid:
         # nearest neighbour: every generated pixel stays one flat square, nothing is smoothed in
-        grid.resize((grid.width * args.scale, grid.height * args.scale), Image.Resampling.NEAREST).save(
+        scale = max(1, -(-args.min_side // min(grid.size)))  # train.py's grids are already at least 256 px
+        grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST).save(
             f"{args.out_prefix}-grid.png")
 
     events = EventAccumulator(str(args.run_dir / "logs"), size_guidance={"scalars": 0})  # 0: keep every point
