@@ -17,7 +17,9 @@ TINY_UNET = {"block_out_channels": [16, 32], "down_block_types": ["DownBlock2D",
              "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "layers_per_block": 1, "norm_num_groups": 8}
 
 
-@pytest.mark.parametrize(("flags", "steps"), [([], 1000), (["--sampler", "ddim"], 50),
+# quickstart's DDPM grids take 100 strided steps (docs/quickstart.md); cifar10-32's the paper's 1000
+@pytest.mark.parametrize(("flags", "steps"), [([], 100), (["--preset", "cifar10-32"], 1000),
+                                              (["--sampler", "ddim"], 50),
                                               (["--sampler", "ddim", "--ddpm_num_inference_steps", "7"], 7)])
 def test_ddim_grids_take_50_steps_unless_steps_are_given(flags, steps):
     assert train.parse_args(flags).ddpm_num_inference_steps == steps
