@@ -29,10 +29,11 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ddpm import DDIMScheduler, DDPMScheduler, PipelineLoadError, distributed, generate, load_pipeline
+from ddpm import DDIMScheduler, DDPMScheduler, PipelineLoadError, distributed, load_pipeline
 from ddpm.data import HELD_OUT_SEED, DataError, TrainingImages, load_images
 from ddpm.likelihood import VARIANCES, VariationalBound, model_variance_of, x0_from_pixels
 from ddpm.pipeline_io import pipeline_folder
+from ddpm.sampling import generate_in_batches
 from ddpm.shapes_score import VALID_RMSE, fit, score
 
 
@@ -187,11 +188,9 @@ def evaluate_shapes(args: argparse.Namespace, unet, scheduler, ctx: distributed.
         fail(f"the shapes score is for RGB models of the built-in shapes; this UNet has "
              f"{unet.config['in_channels']} channel(s)")
     generator = noise_generator(args.seed, ctx.rank)
-    count, samples = len(shard(args.num_images, ctx)), []
-    for start in range(0, count, args.batch_size):
-        batch = min(args.batch_size, count - start)
-        samples.append(generate(unet, scheduler, batch, generator, args.num_inference_steps, progress=ctx.is_main))
-    found = fit(torch.cat(samples)) if samples else None
+    count = len(shard(args.num_images, ctx))
+    found = fit(generate_in_batches(unet, scheduler, count, generator, args.num_inference_steps, args.batch_size,
+                                    progress=ctx.is_main)) if count else None
     gathered = distributed.gather_to_main(ctx, None if found is None else (found.classes, found.rmse))
     if not ctx.is_main:
         return

@@ -48,7 +48,7 @@ from ddpm.loggers import LoggerError, make_logger
 from ddpm.lr_schedule import make_lr_scheduler
 from ddpm.model_card import write_model_card
 from ddpm.presets import PRESETS, check_preset_data
-from ddpm.sampling import sample_grid
+from ddpm.sampling import generate_in_batches, sample_grid
 from ddpm.shapes_score import ShapesScore, shapes_score
 
 # Configuration: preset values, overridden by explicit flags.
@@ -460,11 +460,10 @@ def main(argv=None) -> None:
 
     def score_samples(weights: torch.nn.Module) -> ShapesScore:
         """The shapes score of --score_images samples drawn as the grids are, in batches of 64 (other noise)."""
-        generator, samples = torch.Generator().manual_seed(args.seed + 1), []
-        for start in range(0, args.score_images, 64):
-            samples.append(generate(weights, grid_scheduler, min(64, args.score_images - start), generator,
-                                    args.ddpm_num_inference_steps, progress=True))
-        result = shapes_score(torch.cat(samples))
+        samples = generate_in_batches(weights, grid_scheduler, args.score_images,
+                                      torch.Generator().manual_seed(args.seed + 1), args.ddpm_num_inference_steps,
+                                      progress=True)
+        result = shapes_score(samples)
         log_shapes_score("eval", result)
         evaluation[f"shapes score: valid fraction of {args.score_images} samples"] = result.valid_fraction
         return result

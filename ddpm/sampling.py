@@ -56,6 +56,14 @@ def generate(unet: nn.Module, scheduler: DDPMScheduler | DDIMScheduler, batch_si
     return (x / 2 + 0.5).clamp(0, 1).float().cpu()
 
 
+def generate_in_batches(unet: nn.Module, scheduler: DDPMScheduler | DDIMScheduler, count: int,
+                        generator: torch.Generator, num_inference_steps: int | None = None, batch_size: int = 64,
+                        progress: bool = False) -> torch.Tensor:
+    """`count` >= 1 images drawn by `generate` in batches of at most `batch_size`, one generator throughout."""
+    return torch.cat([generate(unet, scheduler, min(batch_size, count - start), generator, num_inference_steps,
+                               progress=progress) for start in range(0, count, batch_size)])
+
+
 def image_generators(seed: int, indices: list[int]) -> list[torch.Generator]:
     """One CPU generator per image, so that image i's noise depends on (seed, i) alone, not on the batch.
 
