@@ -39,17 +39,16 @@ from ddpm import DDIMScheduler, DDPMScheduler, UNet2DModel, generate, save_pipel
 from ddpm import distributed, hub
 from ddpm.checkpoint import (CheckpointError, capture_rng_state, list_checkpoints, load_checkpoint,
                              restore_rng_state, save_checkpoint, set_aside_checkpoints_after)
-from ddpm.data import CACHE_BYTES, HELD_OUT_SEED, DataError, EpochSampler, TrainingImages, load_images
+from ddpm.data import CACHE_BYTES, DataError, EpochSampler, TrainingImages, load_images
 from ddpm.device_data import DeviceDataUnavailable, DeviceImages
 from ddpm.ema import EMA
-from ddpm.likelihood import VariationalBound, estimate_bits_per_dim, images_as_x0, model_variance_of
 from ddpm.loss import diffusion_loss
 from ddpm.loggers import LoggerError, make_logger
 from ddpm.lr_schedule import make_lr_scheduler
 from ddpm.model_card import write_model_card
 from ddpm.presets import PRESETS, check_preset_data
-from ddpm.sampling import generate_in_batches, sample_grid
-from ddpm.shapes_score import ShapesScore, shapes_score
+from ddpm.run_evaluation import RunEvaluation
+from ddpm.sampling import sample_grid
 
 # Configuration: preset values, overridden by explicit flags.
 
@@ -136,8 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--score_images", type=int, default=0,
         help="on the built-in data: the shapes score of this many samples at the end, drawn as the grids are")
     add("--eval_bpd_images", type=int, default=0,
-        help="at each pipeline save, log an unbiased estimate of bits/dim (eval/bpd_estimate) on N built-in images "
-             "of another seed, or on the first N training images of other data; 0: off")
+        help="at each pipeline save, log an unbiased estimate of bits/dim (eval/bpd_estimate) on N held-out images "
+             "(built-in shapes of another seed, an IDX folder's test split), or on the first N training images of "
+             "other data; 0: off")
     add("--seed", type=int, default=0, help="seeds weights, data order, noise and sample grids")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     add("--ddp_timeout", type=float, default=1800, help="seconds a collective may wait before the job fails")
@@ -416,18 +416,8 @@ def main(argv=None) -> None:
                   f"{args.train_batch_size * ctx.world_size * args.gradient_accumulation_steps}; "
                   f"{total_steps} optimizer steps ({steps_per_epoch:g} per epoch) on {device}, {precision}")
 
-    # Evaluation: on the built-in data, the shapes score of each sample grid; with --eval_bpd_images, an estimate
-    # of bits/dim at each pipeline save, on built-in images of a seed no run trains on, or on other data (which has
-    # no held-out split here) on the first training images, under a tag that says so
-    builtin = not args.dataset_name and not args.train_data_dir
-    shapes_scores, final_score, evaluation = [], None, {}  # evaluation: the figures the model card shows
-    if args.eval_bpd_images and ctx.is_main:
-        eval_source = load_images(None, None, None, None, args.resolution, HELD_OUT_SEED,
-                                  builtin_size=args.eval_bpd_images) if builtin else source
-        eval_x0 = images_as_x0(eval_source, args.resolution, channels, args.eval_bpd_images).to(device)
-        bound = VariationalBound(scheduler, model_variance_of(scheduler.config["variance_type"]), device=device)
-        bpd_tag, eval_images = (("eval/bpd_estimate", "held-out") if builtin else
-                                ("eval/bpd_estimate_on_training_images", "training"))
+    # Evaluation (ddpm/run_evaluation.py): shapes scores on the built-in data, --eval_bpd_images' estimate
+    evaluation = RunEvaluation(args, source, channels, scheduler, device, logger) if ctx.is_main else None
 
     def sampling_model():
         """The weights to sample from: a copy holding the EMA weights, or the training model itself."""
@@ -438,13 +428,6 @@ def main(argv=None) -> None:
         return ema_model
 
     grid_scheduler = DDIMScheduler.from_config(scheduler.config) if args.sampler == "ddim" else scheduler
-    scored = builtin and channels == 3  # does each sample look like an image of the dataset? (ddpm/shapes_score.py)
-
-    def log_shapes_score(tag: str, result: ShapesScore) -> None:
-        logger.log_scalars({f"{tag}/shapes_valid_fraction": result.valid_fraction,
-                            f"{tag}/shapes_classes_covered": result.classes_covered,
-                            f"{tag}/shapes_tv_to_uniform": result.tv_to_uniform,
-                            f"{tag}/shapes_median_rmse": result.median_rmse}, step)
 
     def save_samples(weights: torch.nn.Module, epoch_number: int) -> None:
         # a fixed seed, so grids are comparable over the run
@@ -454,32 +437,14 @@ def main(argv=None) -> None:
         (output_dir / "samples").mkdir(parents=True, exist_ok=True)
         save_image(grid, output_dir / "samples" / f"{epoch_number:04d}.png")
         logger.log_image("samples", grid, step)
-        if scored:
-            shapes_scores.append(shapes_score(images))
-            log_shapes_score("samples", shapes_scores[-1])
-
-    def score_samples(weights: torch.nn.Module) -> ShapesScore:
-        """The shapes score of --score_images samples drawn as the grids are, in batches of 64 (other noise)."""
-        samples = generate_in_batches(weights, grid_scheduler, args.score_images,
-                                      torch.Generator().manual_seed(args.seed + 1), args.ddpm_num_inference_steps,
-                                      progress=True)
-        result = shapes_score(samples)
-        log_shapes_score("eval", result)
-        evaluation[f"shapes score: valid fraction of {args.score_images} samples"] = result.valid_fraction
-        return result
+        evaluation.score_grid(images, step)
 
     def save_pipeline_and_card(weights: torch.nn.Module) -> None:
         """The pipeline folder and its model card, uploaded with --push_to_hub."""
         save_pipeline(output_dir, weights, scheduler)
-        if args.eval_bpd_images:
-            estimate = estimate_bits_per_dim(weights, bound, eval_x0, args.seed)
-            evaluation[f"bits/dim, estimated on {len(eval_x0)} {eval_images} images"] = estimate
-            logger.log_scalars({bpd_tag: estimate}, step)
-            tqdm.write(f"step {step}: bits/dim estimate {estimate:.4f} on {len(eval_x0)} {eval_images} images")
-        if shapes_scores and final_score is None:
-            evaluation["shapes score: valid fraction of the last grid"] = shapes_scores[-1].valid_fraction
+        evaluation.estimate_bpd(weights, step)
         write_model_card(output_dir, args, data=source.description, world_size=ctx.world_size, step=step,
-                         total_steps=total_steps, loss=logs.get("loss"), evaluation=evaluation or None,
+                         total_steps=total_steps, loss=logs.get("loss"), evaluation=evaluation.figures or None,
                          repo_id=hub_repo.repo_id if hub_repo else None)
         if hub_repo is not None:
             hub_repo.push(step)
@@ -599,17 +564,14 @@ def main(argv=None) -> None:
             weights = sampling_model()  # one EMA copy for both
             if save_images:
                 save_samples(weights, completed_epochs)
-            if last and scored and args.score_images:
-                final_score = score_samples(weights)
+            if last:
+                evaluation.score_samples(weights, grid_scheduler, step)
             if save_model:
                 save_pipeline_and_card(weights)
 
     progress.close()
-    if final_score is not None:
-        steps = f"{args.sampler}, {args.ddpm_num_inference_steps} steps"
-        log_main(ctx, f"shapes score of {args.score_images} samples ({steps}): {final_score}")
-    elif shapes_scores:
-        log_main(ctx, f"shapes score of the last sample grid: {shapes_scores[-1]}")
+    if evaluation is not None and evaluation.summary():
+        log_main(ctx, evaluation.summary())
     if logger is not None:
         logger.close()
     distributed.barrier(ctx)

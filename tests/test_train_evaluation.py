@@ -13,9 +13,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from ddpm import generate, load_pipeline
 from ddpm.data import HELD_OUT_SEED, make_builtin_source
+from ddpm.idx import IdxSource
 from ddpm.likelihood import VariationalBound, estimate_bits_per_dim, images_as_x0
 from ddpm.shapes_score import VALID_RMSE, shapes_score
 from oracle import single_thread  # noqa: F401  (autouse fixture)
+from test_idx import idx_folder
 from train_script import TRAIN_PY, own_signal_handlers, train
 
 
@@ -71,6 +73,17 @@ def test_on_an_image_folder_the_estimate_is_on_training_images_and_tagged_so(tmp
     logged = scalars(run(tmp_path, "--train_data_dir", str(tmp_path / "images"), "--eval_bpd_images", "2"))
     assert [step for step, _ in logged["eval/bpd_estimate_on_training_images"]] == [2]
     assert "eval/bpd_estimate" not in logged and "samples/shapes_valid_fraction" not in logged
+
+
+def test_on_an_idx_folder_the_estimate_is_on_its_test_split(tmp_path, capsys):
+    folder, _, _ = idx_folder(tmp_path / "idx")
+    output_dir = run(tmp_path, "--train_data_dir", str(folder), "--eval_bpd_images", "2")
+    unet, scheduler = load_pipeline(output_dir)
+    test_images = images_as_x0(IdxSource(str(folder), "test"), 8, 3, 2)
+    expected = estimate_bits_per_dim(unet, VariationalBound(scheduler, "fixed_small"), test_images, seed=0)
+    [(step, value)] = scalars(output_dir)["eval/bpd_estimate"]
+    assert step == 2 and value == pytest.approx(expected, rel=1e-6)
+    assert f"bits/dim estimate {expected:.4f} on 2 test-split images" in capsys.readouterr().out
 
 
 def test_a_negative_eval_bpd_images_is_a_one_line_error(tmp_path, monkeypatch, capsys):

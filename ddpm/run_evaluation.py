@@ -1,0 +1,98 @@
+"""What a training run measures of the model it trains (train.py), and where the figures go.
+
+- On the built-in shapes: the shapes score of each sample grid (ddpm/shapes_score.py), and with --score_images N
+  the score of N samples at the end, drawn as the grids are.
+- With --eval_bpd_images N: an unbiased estimate of bits/dim (ddpm/likelihood.py) at each pipeline save, on
+  images no run trains on where the data has them (built-in shapes of another seed, an IDX folder's test split),
+  otherwise on the first training images, under a tag that says so.
+
+Each figure is logged at the step it is measured; `figures` holds the latest for the model card.
+"""
+
+from argparse import Namespace
+
+import torch
+from tqdm.auto import tqdm
+
+from ddpm.data import HELD_OUT_SEED, ImageSource, load_images
+from ddpm.idx import IdxSource, idx_image_files
+from ddpm.likelihood import VariationalBound, estimate_bits_per_dim, images_as_x0, model_variance_of
+from ddpm.loggers import TensorBoardLogger, WandbLogger
+from ddpm.sampling import generate_in_batches
+from ddpm.scheduler import DDPMScheduler
+from ddpm.shapes_score import ShapesScore, shapes_score
+
+
+def bpd_images(args: Namespace, source: ImageSource) -> tuple[ImageSource, str, str]:
+    """The images --eval_bpd_images measures, the words that describe them, and the tag their estimate is logged
+    under."""
+    if not args.dataset_name and not args.train_data_dir:
+        held_out = load_images(None, None, None, None, args.resolution, HELD_OUT_SEED,
+                               builtin_size=args.eval_bpd_images)
+        return held_out, "held-out", "eval/bpd_estimate"
+    if isinstance(source, IdxSource) and any(p.name.startswith("t10k") for p in idx_image_files(args.train_data_dir)):
+        return IdxSource(args.train_data_dir, "test"), "test-split", "eval/bpd_estimate"
+    return source, "training", "eval/bpd_estimate_on_training_images"
+
+
+class RunEvaluation:
+    """The scores of one run (on the main process): each method measures, logs at `step` and keeps the figure."""
+
+    def __init__(self, args: Namespace, source: ImageSource, channels: int, scheduler: DDPMScheduler,
+                 device: torch.device, logger: TensorBoardLogger | WandbLogger):
+        self.args, self.logger = args, logger
+        builtin = not args.dataset_name and not args.train_data_dir
+        self.scored = builtin and channels == 3  # does each sample look like an image of the dataset?
+        self.grid_score: ShapesScore | None = None  # of the latest grid
+        self.final_score: ShapesScore | None = None  # of --score_images samples at the end
+        self.figures: dict[str, float] = {}  # the latest of each, for the model card
+        if args.eval_bpd_images:
+            images, self.bpd_images, self.bpd_tag = bpd_images(args, source)
+            self.bpd_x0 = images_as_x0(images, args.resolution, channels, args.eval_bpd_images).to(device)
+            self.bound = VariationalBound(scheduler, model_variance_of(scheduler.config["variance_type"]),
+                                          device=device)
+
+    def log_shapes_score(self, tag: str, result: ShapesScore, step: int) -> None:
+        self.logger.log_scalars({f"{tag}/shapes_valid_fraction": result.valid_fraction,
+                                 f"{tag}/shapes_classes_covered": result.classes_covered,
+                                 f"{tag}/shapes_tv_to_uniform": result.tv_to_uniform,
+                                 f"{tag}/shapes_median_rmse": result.median_rmse}, step)
+
+    def score_grid(self, images: torch.Tensor, step: int) -> None:
+        """The shapes score of a sample grid's images, when the run's data is the built-in shapes."""
+        if self.scored:
+            self.grid_score = shapes_score(images)
+            self.log_shapes_score("samples", self.grid_score, step)
+            self.figures["shapes score: valid fraction of the last grid"] = self.grid_score.valid_fraction
+
+    def score_samples(self, unet: torch.nn.Module, scheduler, step: int) -> None:
+        """With --score_images N on the built-in shapes: the score of N samples, drawn as the grids are but with
+        other noise (seed + 1), in batches of 64."""
+        if not (self.scored and self.args.score_images):
+            return
+        samples = generate_in_batches(unet, scheduler, self.args.score_images,
+                                      torch.Generator().manual_seed(self.args.seed + 1),
+                                      self.args.ddpm_num_inference_steps, progress=True)
+        self.final_score = shapes_score(samples)
+        self.log_shapes_score("eval", self.final_score, step)
+        self.figures.pop("shapes score: valid fraction of the last grid", None)  # the larger sample says more
+        self.figures[f"shapes score: valid fraction of {self.args.score_images} samples"] = \
+            self.final_score.valid_fraction
+
+    def estimate_bpd(self, unet: torch.nn.Module, step: int) -> None:
+        """With --eval_bpd_images: the estimate of bits/dim of `unet`, logged and printed."""
+        if not self.args.eval_bpd_images:
+            return
+        estimate = estimate_bits_per_dim(unet, self.bound, self.bpd_x0, self.args.seed)
+        self.figures[f"bits/dim, estimated on {len(self.bpd_x0)} {self.bpd_images} images"] = estimate
+        self.logger.log_scalars({self.bpd_tag: estimate}, step)
+        tqdm.write(f"step {step}: bits/dim estimate {estimate:.4f} on {len(self.bpd_x0)} {self.bpd_images} images")
+
+    def summary(self) -> str | None:
+        """The line that ends the run's output: the final shapes score, else the last grid's, if any."""
+        if self.final_score is not None:
+            steps = f"{self.args.sampler}, {self.args.ddpm_num_inference_steps} steps"
+            return f"shapes score of {self.args.score_images} samples ({steps}): {self.final_score}"
+        if self.grid_score is not None:
+            return f"shapes score of the last sample grid: {self.grid_score}"
+        return None
