@@ -12,6 +12,8 @@ import diffusers
 import pytest
 import torch
 
+from ddpm import UNet2DModel
+
 TINY = dict(
     sample_size=8,
     block_out_channels=(16, 32),
@@ -106,6 +108,14 @@ def diffusers_unet(config: dict, seed: int = 0) -> diffusers.UNet2DModel:
     return perturb_(diffusers.UNet2DModel(**config), seed).eval()
 
 
+def micro_unets() -> tuple[UNet2DModel, diffusers.UNet2DModel]:
+    """Ours (in eval mode) and diffusers' perturbed MICRO model, holding the same weights."""
+    theirs = diffusers_unet(MICRO)
+    ours = UNet2DModel(**MICRO)
+    ours.load_state_dict(theirs.state_dict())
+    return ours.eval(), theirs
+
+
 def save_diffusers_pipeline(directory: Path, unet: diffusers.UNet2DModel, **scheduler_config) -> None:
     """Write the folder that `DDPMPipeline(unet, DDPMScheduler(**scheduler_config)).save_pretrained` writes."""
     diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(**scheduler_config)).save_pretrained(directory)
@@ -138,3 +148,37 @@ def measured(what: str, value: float) -> float:
     """Print a measured difference (visible with `pytest -s`) and return it for the assertion."""
     print(f"[oracle] {what}: {value:.3g}")
     return value
+
+
+# Noise schedules both schedulers' oracle tests run through (test_scheduler.py, test_ddim.py)
+TRAINED_BETAS = (torch.linspace(0.01, 0.2, 100) ** 2).tolist()
+SCHEDULES = {
+    "linear": {},
+    "scaled_linear": {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+    "squaredcos_cap_v2": {"beta_schedule": "squaredcos_cap_v2"},
+    "trained_betas": {"num_train_timesteps": 100, "trained_betas": TRAINED_BETAS},
+}
+
+
+def randn(*shape, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def step_worst_difference(ours, theirs, timesteps, shape=(2, 3, 8, 8), seed=0, as_int=False, **step) -> float:
+    """Step our scheduler and diffusers' through `timesteps` from the same x_t, model outputs and noise seed.
+
+    Each step starts from diffusers' x_t, so one step's error is not carried into the next; `step` holds extra
+    arguments of both step methods. Returns the largest |ours - diffusers| over all steps.
+    """
+    sample = 1.5 * randn(*shape, seed=seed)
+    model_outputs = torch.Generator().manual_seed(seed + 1)
+    noise_ours, noise_theirs = torch.Generator().manual_seed(seed + 2), torch.Generator().manual_seed(seed + 2)
+    worst = 0.0
+    for t in timesteps:
+        model_output = 1.5 * torch.randn(shape, generator=model_outputs)
+        expected = theirs.step(model_output, t, sample, generator=noise_theirs, **step).prev_sample
+        actual = ours.step(model_output, int(t) if as_int else t, sample, generator=noise_ours, **step)
+        assert type(actual) is torch.Tensor and actual.shape == expected.shape and actual.dtype == expected.dtype
+        worst = max(worst, max_abs_diff(actual, expected))
+        sample = expected
+    return worst

@@ -7,17 +7,13 @@ import torch
 from ddpm import DDIMScheduler, DDPMScheduler, load_pipeline
 from ddpm.ddim import DEFAULT_CONFIG as DDIM_DEFAULTS
 from ddpm.scheduler import DEFAULT_CONFIG as DDPM_DEFAULTS
-from oracle import MICRO, diffusers_unet, max_abs_diff, measured, public_config, single_thread  # noqa: F401
+from oracle import (MICRO, SCHEDULES, diffusers_unet, max_abs_diff, measured, public_config,  # noqa: F401
+                    randn, single_thread, step_worst_difference)
 
 TOLERANCE = 1e-6
 
-TRAINED_BETAS = (torch.linspace(0.01, 0.2, 100) ** 2).tolist()
-
 OPTIONS = {
-    "defaults": {},
-    "scaled_linear": {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
-    "squaredcos_cap_v2": {"beta_schedule": "squaredcos_cap_v2"},
-    "trained_betas": {"num_train_timesteps": 100, "trained_betas": TRAINED_BETAS},
+    **SCHEDULES,
     "set_alpha_to_one_false": {"set_alpha_to_one": False},
     "steps_offset_1": {"steps_offset": 1},
     "trailing": {"timestep_spacing": "trailing"},
@@ -41,52 +37,33 @@ def pair(**config):
     return DDIMScheduler(**config), diffusers.DDIMScheduler(**config)
 
 
-def randn(*shape, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def step_worst_difference(ours, theirs, num_inference_steps: int, shape=(2, 3, 8, 8), seed=0, **step) -> float:
-    """Step both schedulers through their timesteps from the same x_t, model outputs and noise seed.
-
-    Each step starts from diffusers' x_t, so one step's error is not carried into the next.
-    Returns the largest |ours - diffusers| over all steps.
-    """
+def ddim_worst_difference(ours, theirs, num_inference_steps: int, shape=(2, 3, 8, 8), **step) -> float:
+    """The largest |ours - diffusers| of a DDIM step over `num_inference_steps` steps (oracle.step_worst_difference)."""
     ours.set_timesteps(num_inference_steps)
     theirs.set_timesteps(num_inference_steps)
-    sample = 1.5 * randn(*shape, seed=seed)
-    model_outputs = torch.Generator().manual_seed(seed + 1)
-    noise_ours, noise_theirs = torch.Generator().manual_seed(seed + 2), torch.Generator().manual_seed(seed + 2)
-    worst = 0.0
-    for t in theirs.timesteps:
-        model_output = 1.5 * torch.randn(shape, generator=model_outputs)
-        expected = theirs.step(model_output, t, sample, generator=noise_theirs, **step).prev_sample
-        actual = ours.step(model_output, t, sample, generator=noise_ours, **step)
-        assert type(actual) is torch.Tensor and actual.shape == expected.shape and actual.dtype == expected.dtype
-        worst = max(worst, max_abs_diff(actual, expected))
-        sample = expected
-    return worst
+    return step_worst_difference(ours, theirs, theirs.timesteps, shape, **step)
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("name", OPTIONS)
 def test_step_equals_diffusers_over_ten_steps(name, eta):
     ours, theirs = pair(**OPTIONS[name])
-    difference = step_worst_difference(ours, theirs, 10, eta=eta)
+    difference = ddim_worst_difference(ours, theirs, 10, eta=eta)
     assert measured(f"ddim step {name} eta={eta} max abs diff", difference) <= TOLERANCE
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])
-@pytest.mark.parametrize("name", ["defaults", "sample_prediction", "v_prediction", "clip_range_0.5", "thresholding"])
+@pytest.mark.parametrize("name", ["linear", "sample_prediction", "v_prediction", "clip_range_0.5", "thresholding"])
 def test_step_with_clipped_model_output_equals_diffusers(name, eta):
     ours, theirs = pair(**OPTIONS[name])
-    difference = step_worst_difference(ours, theirs, 10, eta=eta, use_clipped_model_output=True)
+    difference = ddim_worst_difference(ours, theirs, 10, eta=eta, use_clipped_model_output=True)
     assert measured(f"ddim step {name} clipped eps eta={eta} max abs diff", difference) <= TOLERANCE
 
 
 @pytest.mark.parametrize("num_inference_steps", [1, 7, 1000])
 def test_step_equals_diffusers_for_other_step_counts(num_inference_steps):
     ours, theirs = pair()
-    difference = step_worst_difference(ours, theirs, num_inference_steps, shape=(1, 3, 4, 4), eta=0.3)
+    difference = ddim_worst_difference(ours, theirs, num_inference_steps, shape=(1, 3, 4, 4), eta=0.3)
     assert measured(f"ddim step {num_inference_steps} steps max abs diff", difference) <= TOLERANCE
 
 

@@ -1,34 +1,14 @@
 """The device-resident data gives the batches of the DataLoader path (EpochSampler + TrainingImages): the same
 order, flips and pixels for the same seed and epoch, per rank and from a mid-epoch start; or refuses, saying why."""
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from ddpm.data import EpochSampler, ImageSource, TrainingImages, make_builtin_source
+from ddpm.data import EpochSampler, TrainingImages, make_builtin_source
 from ddpm.device_data import DeviceDataUnavailable, DeviceImages
+from test_data import ListSource, noise_images
 
 CPU = torch.device("cpu")
-
-
-class ListSource(ImageSource):
-    def __init__(self, images):
-        self.images, self.description = images, f"{len(images)} test images"
-
-    def __len__(self):
-        return len(self.images)
-
-    def get(self, i):
-        return self.images[i]
-
-    def describe(self, i):
-        return f"test image {i}"
-
-
-def noise_images(n, size):
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(n)]
 
 
 def loader_batches(dataset, sampler, batch_size, epoch, start):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ddpm import DDPMScheduler, UNet2DModel, generate
-from oracle import MICRO, diffusers_unet, measured, single_thread  # noqa: F401  (autouse fixture)
+from oracle import MICRO, measured, micro_unets, single_thread  # noqa: F401  (autouse fixture)
 
 TOLERANCE = 1e-5
 
@@ -27,11 +27,7 @@ SAMPLERS = {
 
 @pytest.fixture(scope="module")
 def unets():
-    """diffusers' perturbed MICRO model and ours holding the same weights."""
-    theirs = diffusers_unet(MICRO)
-    ours = UNet2DModel(**MICRO)
-    ours.load_state_dict(theirs.state_dict())
-    return ours.eval(), theirs
+    return micro_unets()
 
 
 def diffusers_images(unet, scheduler_config: dict, seed: int | None, **call) -> np.ndarray:

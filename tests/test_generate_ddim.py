@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm import DDIMScheduler, DDPMScheduler, UNet2DModel, generate
-from oracle import MICRO, diffusers_unet, measured, single_thread  # noqa: F401  (autouse fixture)
+from ddpm import DDIMScheduler, DDPMScheduler, generate
+from oracle import measured, micro_unets, single_thread  # noqa: F401  (autouse fixture)
 
 TOLERANCE = 1e-5
 
@@ -22,11 +22,7 @@ SAMPLERS = {  # DDIM scheduler config, eta, steps
 
 @pytest.fixture(scope="module")
 def unets():
-    """diffusers' perturbed MICRO model and ours holding the same weights."""
-    theirs = diffusers_unet(MICRO)
-    ours = UNet2DModel(**MICRO)
-    ours.load_state_dict(theirs.state_dict())
-    return ours.eval(), theirs
+    return micro_unets()
 
 
 def ddim_pipeline(unet, scheduler_config: dict) -> diffusers.DDIMPipeline:

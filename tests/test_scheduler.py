@@ -7,18 +7,10 @@ import pytest
 import torch
 
 from ddpm import DDPMScheduler
-from oracle import max_abs_diff, measured, public_config, single_thread  # noqa: F401  (autouse fixture)
+from oracle import (SCHEDULES, max_abs_diff, measured, public_config, randn, single_thread,  # noqa: F401
+                    step_worst_difference)
 
 TOLERANCE = 1e-6
-
-TRAINED_BETAS = (torch.linspace(0.01, 0.2, 100) ** 2).tolist()
-
-SCHEDULES = {
-    "linear": {},
-    "scaled_linear": {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
-    "squaredcos_cap_v2": {"beta_schedule": "squaredcos_cap_v2"},
-    "trained_betas": {"num_train_timesteps": 100, "trained_betas": TRAINED_BETAS},
-}
 
 STEP_OPTIONS = {
     **SCHEDULES,
@@ -51,31 +43,6 @@ STEP_OPTIONS = {
 
 def pair(**config):
     return DDPMScheduler(**config), diffusers.DDPMScheduler(**config)
-
-
-def randn(*shape, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def step_worst_difference(ours, theirs, timesteps, shape=(2, 3, 8, 8), seed=0, as_int=False) -> float:
-    """Step both schedulers through `timesteps` from the same x_t, model outputs and noise seed.
-
-    Each step starts from diffusers' x_t, so one step's error is not carried into the next.
-    Returns the largest |ours - diffusers| over all steps.
-    """
-    sample = 1.5 * randn(*shape, seed=seed)
-    model_outputs = torch.Generator().manual_seed(seed + 1)
-    noise_ours = torch.Generator().manual_seed(seed + 2)
-    noise_theirs = torch.Generator().manual_seed(seed + 2)
-    worst = 0.0
-    for t in timesteps:
-        model_output = 1.5 * torch.randn(shape, generator=model_outputs)
-        expected = theirs.step(model_output, t, sample, generator=noise_theirs).prev_sample
-        actual = ours.step(model_output, int(t) if as_int else t, sample, generator=noise_ours)
-        assert actual.shape == expected.shape and actual.dtype == expected.dtype
-        worst = max(worst, max_abs_diff(actual, expected))
-        sample = expected
-    return worst
 
 
 @pytest.mark.parametrize("method", ["add_noise", "get_velocity"])
