@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ddpm import DDIMScheduler, DDPMScheduler, PipelineLoadError, distributed, load_pipeline
 from ddpm.data import HELD_OUT_SEED, DataError, TrainingImages, load_images
+from ddpm.idx import has_split
 from ddpm.likelihood import VARIANCES, VariationalBound, model_variance_of, x0_from_pixels
 from ddpm.pipeline_io import pipeline_folder
 from ddpm.sampling import generate_in_batches
@@ -46,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--train_data_dir", default=None, help="bpd on a local folder of images")
     add("--dataset_name", default=None, help="bpd on a Hugging Face Hub dataset")
     add("--split", default=None,
-        help="the split of a Hub dataset (default: test) or of a folder of IDX files (train or test; default: train)")
+        help="the split of a Hub dataset (default: test) or of a folder of IDX files (train or test; default: test if "
+             "it has t10k-* files)")
     add("--builtin_data", action="store_true", help=f"bpd on built-in shapes images of seed {HELD_OUT_SEED}, "
                                                     "which no training run (with --seed >= 0) has seen")
     add("--num_images", type=int, default=None,
@@ -79,7 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.split is not None and not (args.dataset_name or args.train_data_dir):
         parser.error(f"--split {args.split!r} picks a split of a --dataset_name or of a folder of IDX files; "
                      "neither was given")
-    args.split = args.split or ("test" if args.dataset_name else "train")
+    if args.split is None:  # the test split where there is one
+        idx_test = args.train_data_dir and Path(args.train_data_dir).is_dir() and has_split(args.train_data_dir, "test")
+        args.split = "test" if args.dataset_name or idx_test else "train"
     if args.metric == "bpd" and args.sampler != "ddpm":
         parser.error(f"--sampler {args.sampler} draws samples for --metric shapes; the bound of --metric bpd has none")
     if args.metric == "shapes" and args.plot:

@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dataset_name", default=None,
         help="Hugging Face Hub dataset; neither this nor --train_data_dir: built-in shapes")
     add("--dataset_config_name", default=None, help="the Hub dataset's config name")
-    add("--train_data_dir", default=None, help="a local folder of images")
+    add("--train_data_dir", default=None, help="a local folder of images, or of MNIST-format IDX files (train-*)")
     add("--builtin_data", action="store_true",
         help="the built-in shapes dataset, also with a preset that names another")
     add("--cache_dir", default=None, help="where datasets caches Hub downloads")

@@ -26,6 +26,12 @@ def idx_image_files(folder: str | Path) -> list[Path]:
                   if p.name.endswith((IMAGES_SUFFIX, IMAGES_SUFFIX + ".gz")) and p.is_file())
 
 
+def has_split(folder: str | Path, split: str) -> bool:
+    """Whether `folder` holds the IDX image file of `split` (train or test)."""
+    name = SPLIT_PREFIXES[split] + IMAGES_SUFFIX
+    return any(p.name in (name, name + ".gz") for p in idx_image_files(folder))
+
+
 def read_idx_images(path: str | Path) -> np.ndarray:
     """All images of an IDX image file as uint8 (images, rows, columns); DataError if it is malformed."""
     path = Path(path)

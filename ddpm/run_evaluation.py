@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ddpm.data import HELD_OUT_SEED, ImageSource, load_images
-from ddpm.idx import IdxSource, idx_image_files
+from ddpm.idx import IdxSource, has_split
 from ddpm.likelihood import VariationalBound, estimate_bits_per_dim, images_as_x0, model_variance_of
 from ddpm.loggers import TensorBoardLogger, WandbLogger
 from ddpm.sampling import generate_in_batches
@@ -30,7 +30,7 @@ def bpd_images(args: Namespace, source: ImageSource) -> tuple[ImageSource, str, 
         held_out = load_images(None, None, None, None, args.resolution, HELD_OUT_SEED,
                                builtin_size=args.eval_bpd_images)
         return held_out, "held-out", "eval/bpd_estimate"
-    if isinstance(source, IdxSource) and any(p.name.startswith("t10k") for p in idx_image_files(args.train_data_dir)):
+    if isinstance(source, IdxSource) and has_split(args.train_data_dir, "test"):
         return IdxSource(args.train_data_dir, "test"), "test-split", "eval/bpd_estimate"
     return source, "training", "eval/bpd_estimate_on_training_images"
 

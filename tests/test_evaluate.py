@@ -153,15 +153,24 @@ def test_a_folder_of_images_is_evaluated(tmp_path, capsys):
     assert out.strip().splitlines()[-1].endswith("over 3 images")
 
 
-def test_a_folder_of_idx_files_is_read_from_the_split_asked_for(tmp_path, capsys):
+def test_a_folder_of_idx_files_is_read_from_the_split_asked_for_by_default_the_test_split(tmp_path, capsys):
     from test_idx import write_idx, random_images
     tiny_pipeline(tmp_path / "model")
     write_idx(tmp_path / "idx" / "train-images-idx3-ubyte.gz", random_images(3, size=8), gz=True)
     write_idx(tmp_path / "idx" / "t10k-images-idx3-ubyte.gz", random_images(2, size=8), gz=True)
-    for split, count in (("test", 2), ("train", 3)):
-        out = run_in_process([str(tmp_path / "model"), "--train_data_dir", str(tmp_path / "idx"), "--split", split,
-                              "--num_images", "5"], capsys)
+    for split, count in (("test", 2), ("train", 3), (None, 2)):
+        out = run_in_process([str(tmp_path / "model"), "--train_data_dir", str(tmp_path / "idx"), "--num_images", "5",
+                              *(["--split", split] if split else [])], capsys)
         assert out.strip().splitlines()[-1].endswith(f"over {count} images")
+
+
+def test_a_folder_of_idx_files_without_a_test_split_is_read_from_its_train_split_by_default(tmp_path, capsys):
+    from test_idx import write_idx, random_images
+    tiny_pipeline(tmp_path / "model")
+    write_idx(tmp_path / "idx" / "train-images-idx3-ubyte", random_images(3, size=8), gz=False)
+    out = run_in_process([str(tmp_path / "model"), "--train_data_dir", str(tmp_path / "idx"), "--num_images", "5"],
+                         capsys)
+    assert out.strip().splitlines()[-1].endswith("over 3 images")
 
 
 def test_shapes_metric_prints_the_score_of_the_samples(tmp_path, capsys):
