@@ -14,7 +14,7 @@ from argparse import Namespace
 import torch
 from tqdm.auto import tqdm
 
-from ddpm.data import HELD_OUT_SEED, ImageSource, load_images
+from ddpm.data import HELD_OUT_SEED, ImageSource, make_builtin_source
 from ddpm.idx import IdxSource, has_split
 from ddpm.likelihood import VariationalBound, estimate_bits_per_dim, images_as_x0, model_variance_of
 from ddpm.loggers import TensorBoardLogger, WandbLogger
@@ -27,8 +27,7 @@ def bpd_images(args: Namespace, source: ImageSource) -> tuple[ImageSource, str, 
     """The images --eval_bpd_images measures, the words that describe them, and the tag their estimate is logged
     under."""
     if not args.dataset_name and not args.train_data_dir:
-        held_out = load_images(None, None, None, None, args.resolution, HELD_OUT_SEED,
-                               builtin_size=args.eval_bpd_images)
+        held_out = make_builtin_source(args.resolution, HELD_OUT_SEED, args.eval_bpd_images)
         return held_out, "held-out", "eval/bpd_estimate"
     if isinstance(source, IdxSource) and has_split(args.train_data_dir, "test"):
         return IdxSource(args.train_data_dir, "test"), "test-split", "eval/bpd_estimate"
