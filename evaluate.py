@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("model_dir", metavar="MODEL_DIR", help="DDPMPipeline folder or Hugging Face Hub repo id")
     add("--metric", choices=["bpd", "shapes"], default="bpd",
         help="bpd: the bound in bits/dim on data; shapes: the shapes score of samples (default: bpd)")
-    add("--train_data_dir", default=None, help="bpd on a local folder of images")
+    add("--train_data_dir", default=None,
+        help="bpd on a local folder of images, or of MNIST-format IDX files (their test split by default)")
     add("--dataset_name", default=None, help="bpd on a Hugging Face Hub dataset")
     add("--split", default=None,
         help="the split of a Hub dataset (default: test) or of a folder of IDX files (train or test; default: test if "
@@ -154,7 +155,10 @@ def evaluate_bpd(args: argparse.Namespace, unet, scheduler, resolution: int, ctx
     indices = shard(count, ctx)
     # resized and center-cropped as training does (no flips); each batch becomes x_0 = k / 127.5 - 1 in float64
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=[(i, 0) for i in indices])
-    bound = VariationalBound(scheduler, variance, device=ctx.device)
+    try:
+        bound = VariationalBound(scheduler, variance, device=ctx.device)
+    except ValueError as error:  # a schedule whose bound cannot be computed (T < 2, zero terminal SNR)
+        fail(f"{args.model_dir}: {error}")
     generator = noise_generator(args.seed, ctx.rank)
     T = bound.T
     prior_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)

@@ -175,7 +175,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("learning_rate", "adam_epsilon", "ema_inv_gamma", "ddp_timeout", "max_grad_norm", "snr_gamma"):
         if getattr(args, name) is not None and not getattr(args, name) > 0:
             parser.error(f"--{name} must be > 0, got {getattr(args, name)}")
-    for name in ("dataloader_num_workers", "lr_warmup_steps", "adam_weight_decay", "eval_bpd_images", "score_images"):
+    for name in ("dataloader_num_workers", "lr_warmup_steps", "adam_weight_decay", "eval_bpd_images", "score_images",
+                 "seed"):  # seed -1 draws the built-in shapes that are held out of every run (HELD_OUT_SEED)
         if getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     if not (0 <= args.adam_beta1 < 1 and 0 <= args.adam_beta2 < 1 and 0 <= args.ema_max_decay <= 1):
@@ -417,7 +418,10 @@ def main(argv=None) -> None:
                   f"{total_steps} optimizer steps ({steps_per_epoch:g} per epoch) on {device}, {precision}")
 
     # Evaluation (ddpm/run_evaluation.py): shapes scores on the built-in data, --eval_bpd_images' estimate
-    evaluation = RunEvaluation(args, source, channels, scheduler, device, logger) if ctx.is_main else None
+    try:
+        evaluation = RunEvaluation(args, source, channels, scheduler, device, logger) if ctx.is_main else None
+    except (DataError, ValueError) as error:  # a bad test split; a schedule whose bound cannot be computed
+        fail(str(error))
 
     def sampling_model():
         """The weights to sample from: a copy holding the EMA weights, or the training model itself."""

@@ -67,7 +67,8 @@ class FolderSource(ImageSource):
         self.files = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         if not self.files:
             raise DataError(f"no images in --train_data_dir {root!r}; looked recursively for "
-                            f"{', '.join(IMAGE_EXTENSIONS)}")
+                            f"{', '.join(IMAGE_EXTENSIONS)}, and for MNIST-format IDX files named "
+                            "train-images-idx3-ubyte[.gz] directly in it")
         self.description = f"imagefolder {root}: {len(self.files)} images"
 
     def __len__(self) -> int:

@@ -238,6 +238,9 @@ BAD_INPUTS = {
         [str(unet_folder(tmp / "m")), "--metric", "shapes", "--num_inference_steps", "50"], "exceeds the 20"),
     "sampler_with_the_bpd_metric": lambda tmp: ([str(unet_folder(tmp / "m")), "--builtin_data", "--sampler", "ddim"],
                                                 "--sampler ddim"),
+    "a_schedule_of_one_timestep": lambda tmp: (
+        [str(save_pipeline(tmp / "m", UNet2DModel(**TINY_UNET), DDPMScheduler(num_train_timesteps=1)) or tmp / "m"),
+         "--builtin_data"], "at least 2 timesteps"),
     "shapes_score_of_a_grey_model": lambda tmp: (
         [str(unet_folder(tmp / "m", in_channels=1, out_channels=1)), "--metric", "shapes"], "1 channel"),
 }

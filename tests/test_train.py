@@ -28,6 +28,7 @@ from ddpm import DDPMScheduler, UNet2DModel, generate, load_pipeline
 from ddpm.checkpoint import list_checkpoints, load_checkpoint
 from ddpm.loss import diffusion_loss, training_target
 from oracle import perturb_, single_thread  # noqa: F401  (autouse fixture)
+from test_idx import random_images, write_idx
 from train_script import TRAIN_PY, own_signal_handlers, train
 
 
@@ -471,6 +472,14 @@ def folder(path: Path) -> Path:
     return path
 
 
+def truncated_test_split(path: Path) -> Path:
+    """A folder of IDX files whose train split reads and whose test split is cut short."""
+    write_idx(path / "train-images-idx3-ubyte", random_images(8), gz=False)
+    test_file = write_idx(path / "t10k-images-idx3-ubyte", random_images(3), gz=False)
+    test_file.write_bytes(test_file.read_bytes()[:-10])
+    return path
+
+
 BAD_INPUTS = {
     "missing_data_folder": lambda tmp: (dict(train_data_dir=tmp / "nowhere"), "nowhere"),
     "empty_data_folder": lambda tmp: (dict(train_data_dir=folder(tmp / "empty")), "empty"),
@@ -484,6 +493,11 @@ BAD_INPUTS = {
     "zero_learning_rate": lambda tmp: (dict(learning_rate=0), "--learning_rate must be > 0, got 0.0"),
     "zero_snr_gamma": lambda tmp: (dict(snr_gamma=0), "--snr_gamma must be > 0, got 0.0"),
     "negative_warmup": lambda tmp: (dict(lr_warmup_steps=-1), "--lr_warmup_steps must be >= 0, got -1"),
+    "negative_seed": lambda tmp: (dict(seed=-1), "--seed must be >= 0, got -1"),
+    "eval_bpd_images_with_one_timestep": lambda tmp: (
+        dict(eval_bpd_images=2, ddpm_num_steps=1, ddpm_num_inference_steps=1), "at least 2 timesteps"),
+    "eval_bpd_images_with_a_truncated_test_split": lambda tmp: (
+        dict(eval_bpd_images=2, train_data_dir=truncated_test_split(tmp / "idx")), "truncated"),
     "unknown_lr_scheduler": lambda tmp: (dict(lr_scheduler="cosine_restarts"), "'cosine_restarts'"),
     "more_inference_steps_than_diffusion_steps": lambda tmp: (
         dict(ddpm_num_steps=10, ddpm_num_inference_steps=20), "(20)"),
