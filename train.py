@@ -574,8 +574,9 @@ def main(argv=None) -> None:
                 save_pipeline_and_card(weights)
 
     progress.close()
-    if evaluation is not None and evaluation.summary():
-        log_main(ctx, evaluation.summary())
+    summary = evaluation.summary() if evaluation is not None else None
+    if summary:
+        log_main(ctx, summary)
     if logger is not None:
         logger.close()
     distributed.barrier(ctx)

@@ -26,10 +26,15 @@ def idx_image_files(folder: str | Path) -> list[Path]:
                   if p.name.endswith((IMAGES_SUFFIX, IMAGES_SUFFIX + ".gz")) and p.is_file())
 
 
+def split_files(folder: str | Path, split: str) -> list[Path]:
+    """The IDX image files of `split` (train or test) in `folder`: raw, gzipped, or both."""
+    name = SPLIT_PREFIXES[split] + IMAGES_SUFFIX
+    return [p for p in idx_image_files(folder) if p.name in (name, name + ".gz")]
+
+
 def has_split(folder: str | Path, split: str) -> bool:
     """Whether `folder` holds the IDX image file of `split` (train or test)."""
-    name = SPLIT_PREFIXES[split] + IMAGES_SUFFIX
-    return any(p.name in (name, name + ".gz") for p in idx_image_files(folder))
+    return bool(split_files(folder, split))
 
 
 def read_idx_images(path: str | Path) -> np.ndarray:
@@ -71,7 +76,7 @@ class IdxSource(ImageSource):
             raise DataError(f"IDX folders have the splits {', '.join(SPLIT_PREFIXES)}; got split {split!r}")
         name = SPLIT_PREFIXES[split] + IMAGES_SUFFIX
         # Both forms present (a gunzipped copy beside the download): they hold the same images; read the raw one.
-        candidates = [p for p in idx_image_files(folder) if p.name in (name, name + ".gz")]
+        candidates = split_files(folder, split)
         if not candidates:
             found = ", ".join(p.name for p in idx_image_files(folder)) or "none"
             raise DataError(f"no {name} (or {name}.gz) for the {split} split in {folder!r}; IDX files there: {found}")

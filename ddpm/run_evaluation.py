@@ -23,10 +23,14 @@ from ddpm.scheduler import DDPMScheduler
 from ddpm.shapes_score import ShapesScore, shapes_score
 
 
+def is_builtin(args: Namespace) -> bool:
+    return not args.dataset_name and not args.train_data_dir
+
+
 def bpd_images(args: Namespace, source: ImageSource) -> tuple[ImageSource, str, str]:
     """The images --eval_bpd_images measures, the words that describe them, and the tag their estimate is logged
     under."""
-    if not args.dataset_name and not args.train_data_dir:
+    if is_builtin(args):
         held_out = make_builtin_source(args.resolution, HELD_OUT_SEED, args.eval_bpd_images)
         return held_out, "held-out", "eval/bpd_estimate"
     if isinstance(source, IdxSource) and has_split(args.train_data_dir, "test"):
@@ -40,8 +44,7 @@ class RunEvaluation:
     def __init__(self, args: Namespace, source: ImageSource, channels: int, scheduler: DDPMScheduler,
                  device: torch.device, logger: TensorBoardLogger | WandbLogger):
         self.args, self.logger = args, logger
-        builtin = not args.dataset_name and not args.train_data_dir
-        self.scored = builtin and channels == 3  # does each sample look like an image of the dataset?
+        self.scored = is_builtin(args) and channels == 3  # does each sample look like an image of the dataset?
         self.grid_score: ShapesScore | None = None  # of the latest grid
         self.final_score: ShapesScore | None = None  # of --score_images samples at the end
         self.figures: dict[str, float] = {}  # the latest of each, for the model card
