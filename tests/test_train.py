@@ -182,13 +182,13 @@ def test_train_py_weights_the_loss_by_min_snr_only_with_snr_gamma(tmp_path, monk
         return diffusion_loss(unet, scheduler, x0, noise, timesteps, snr_gamma)
 
     monkeypatch.setattr(train, "diffusion_loss", recording_loss)
-    # butterflies-128 sets no snr_gamma; quickstart, the default preset, sets 5
+    # butterflies-128 sets no snr_gamma; quickstart, the default preset, sets 10
     run(tmp_path, output_dir=tmp_path / "plain", max_train_steps=1, preset="butterflies-128", builtin_data=True,
         mixed_precision="no")
     run(tmp_path, output_dir=tmp_path / "weighted", max_train_steps=1, preset="butterflies-128", builtin_data=True,
         mixed_precision="no", snr_gamma=3)
     run(tmp_path, output_dir=tmp_path / "quickstart", max_train_steps=1)
-    assert gammas == [None, 3.0, 5.0]
+    assert gammas == [None, 3.0, 10.0]
 
 
 def test_train_py_accumulating_two_batches_of_4_takes_the_gradient_of_one_batch_of_8(tmp_path, monkeypatch):
