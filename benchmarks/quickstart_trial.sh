@@ -4,8 +4,9 @@
 # included) and the shapes score of the 256 samples train.py draws at the end.
 #   bash benchmarks/quickstart_trial.sh N1 --max_train_steps 3900                 # one trial
 #   bash benchmarks/quickstart_trial.sh S1 --seed 1 & bash benchmarks/quickstart_trial.sh S2 --seed 2 & wait
-# Two trials side by side use the machine's two cores at about the speed of one alone (a second thread adds
-# only ~4% at this size); compare configurations over several seeds: single runs vary a lot.
+# Two trials side by side use the machine's two cores (one thread each: each runs slower than `python train.py`
+# alone on two threads, but two at once give more trials per hour); compare configurations over several seeds:
+# single runs vary a lot.
 set -u
 name=${1:?usage: quickstart_trial.sh NAME [train.py flags...]}; shift
 mkdir -p trials
