@@ -15,6 +15,7 @@ import wandb
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from ddpm.presets import PRESETS
 from oracle import single_thread  # noqa: F401  (autouse fixture)
 from test_train import TRAIN_PY, image_folder, own_signal_handlers, tiny_args, train
 
@@ -100,7 +101,9 @@ def test_wandb_gets_the_sample_grids_as_saved(finished_run):
 def test_wandb_config_is_the_runs_arguments_without_the_hub_token(finished_run):
     _, recorded = finished_run
     [config] = recorded.configs
-    assert config["max_train_steps"] == 4 and config["learning_rate"] == 2e-3 and config["logger"] == "wandb"
+    # the default preset's learning rate, and the max_train_steps the run was given
+    assert config["max_train_steps"] == 4 and config["learning_rate"] == PRESETS["quickstart"]["learning_rate"]
+    assert config["logger"] == "wandb"
     assert "hub_token" not in config
 
 
