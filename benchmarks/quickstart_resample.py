@@ -24,12 +24,12 @@ from ddpm.data import ShapesSource
 from ddpm.pipeline_io import load_pipeline
 from ddpm.sampling import generate_in_batches
 from ddpm.scheduler import DDPMScheduler
-from ddpm.shapes_score import VALID_RMSE, WHITE, BLACK, fit, pixels_of, shapes_score
+from ddpm.shapes_score import VALID_RMSE, WHITE, BLACK, Fit, fit, pixels_of, score
 
 
-def detail(samples: torch.Tensor) -> str:
-    """Valid fraction per shape, and the median edge share of the error and grain, of samples in [0, 1]."""
-    found = fit(samples)
+def detail(samples: torch.Tensor, found: Fit) -> str:
+    """Valid fraction per shape, and the median edge share of the error and grain, of samples in [0, 1] whose
+    best fits are `found`."""
     source = ShapesSource(samples.shape[-1], seed=0, size=1)
     per_shape, edge_share, background_std, inside_std = {}, [], [], []
     for factors, image, rmse in zip(found.factors, 255 * samples, found.rmse):
@@ -65,9 +65,11 @@ def main(run: str, count: int, settings: list[str]) -> None:
         with torch.no_grad():
             samples = generate_in_batches(unet, DDPMScheduler.from_config(config), count,
                                           torch.Generator().manual_seed(1), steps)
-        print(f"{run} {setting}: {shapes_score(samples)} ({time.perf_counter() - start:.0f} s)", flush=True)
+        found = fit(samples)  # the score's own fit, shared with the detail
+        print(f"{run} {setting}: {score(found.classes, found.rmse)} ({time.perf_counter() - start:.0f} s)",
+              flush=True)
         if name == "detail":
-            print(f"{run} {setting}: {detail(samples)}", flush=True)
+            print(f"{run} {setting}: {detail(samples, found)}", flush=True)
 
 
 if __name__ == "__main__":
