@@ -42,7 +42,7 @@ from ddpm.checkpoint import (CheckpointError, capture_rng_state, list_checkpoint
 from ddpm.data import CACHE_BYTES, DataError, EpochSampler, TrainingImages, load_images
 from ddpm.device_data import DeviceDataUnavailable, DeviceImages
 from ddpm.ema import EMA
-from ddpm.loss import diffusion_loss, importance_sampling_probabilities
+from ddpm.loss import diffusion_loss
 from ddpm.loggers import LoggerError, make_logger
 from ddpm.lr_schedule import make_lr_scheduler
 from ddpm.model_card import write_model_card
@@ -114,9 +114,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("--prediction_type", default="epsilon", choices=["epsilon", "sample", "v_prediction"])
     add("--snr_gamma", type=float, default=None,
         help="min-SNR-gamma loss weighting (Hang et al. 2023; 5 is the paper's choice); off when not given")
-    add("--timestep_sampling", default="uniform", choices=["uniform", "importance"],
-        help="uniform: t ~ U{1..T} (Algorithm 1); importance: t drawn in proportion to its --snr_gamma weight, the "
-             "same objective at a lower variance (needs --snr_gamma)")
     add("--ddpm_num_steps", type=int, default=1000, help="T, the number of diffusion steps")
     add("--ddpm_num_inference_steps", type=int, default=None,
         help="denoising steps for sample grids (with --sampler ddim, 50 unless given)")
@@ -185,8 +182,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not (0 <= args.adam_beta1 < 1 and 0 <= args.adam_beta2 < 1 and 0 <= args.ema_max_decay <= 1):
         parser.error(f"--adam_beta1/--adam_beta2 must be in [0, 1) and --ema_max_decay in [0, 1], got "
                      f"{args.adam_beta1}, {args.adam_beta2}, {args.ema_max_decay}")
-    if args.timestep_sampling == "importance" and args.snr_gamma is None:
-        parser.error("--timestep_sampling importance draws t in proportion to its min-SNR weight: it needs --snr_gamma")
     if args.ddpm_num_inference_steps > args.ddpm_num_steps:
         parser.error(f"--ddpm_num_inference_steps ({args.ddpm_num_inference_steps}) cannot exceed "
                      f"--ddpm_num_steps ({args.ddpm_num_steps})")
@@ -338,8 +333,6 @@ def main(argv=None) -> None:
     # noise and timesteps come from a generator of their own, different on each rank
     noise_seed = rank_seed("noise", args.seed, ctx.rank)
     noise_generator = torch.Generator(device).manual_seed(noise_seed)
-    timestep_probabilities = (importance_sampling_probabilities(scheduler, args.snr_gamma).to(device)
-                              if args.timestep_sampling == "importance" else None)
     # after the (identical) initialisation, dropout draws from the global RNG, seeded per rank too
     torch.manual_seed(rank_seed("dropout", args.seed, ctx.rank))
 
@@ -505,18 +498,13 @@ def main(argv=None) -> None:
             x0 = next_batch()
             # Algorithm 1: t ~ Uniform({1..T}) (0-based here), eps ~ N(0, I)
             noise = torch.randn(x0.shape, generator=noise_generator, device=device)
-            if timestep_probabilities is None:
-                timesteps = torch.randint(0, args.ddpm_num_steps, (x0.shape[0],), generator=noise_generator,
-                                          device=device)
-            else:
-                timesteps = torch.multinomial(timestep_probabilities, x0.shape[0], replacement=True,
-                                              generator=noise_generator)
+            timesteps = torch.randint(0, args.ddpm_num_steps, (x0.shape[0],), generator=noise_generator,
+                                      device=device)
             # gradients are all-reduced only on the last micro-step
             sync = micro_step == args.gradient_accumulation_steps - 1
             with (nullcontext() if sync or not ctx.is_distributed else model.no_sync()):
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    loss = diffusion_loss(model, scheduler, x0, noise, timesteps, args.snr_gamma,
-                                          importance_sampled=timestep_probabilities is not None)
+                    loss = diffusion_loss(model, scheduler, x0, noise, timesteps, args.snr_gamma)
                 scaler.scale(loss / args.gradient_accumulation_steps).backward()
             loss_sum += loss.detach() / args.gradient_accumulation_steps
             if not scaler.is_enabled():  # under fp16 an overflowing loss only makes GradScaler skip the step

@@ -39,25 +39,11 @@ def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, snr_gamma
     return snr.clamp(max=snr_gamma) / (snr + 1)
 
 
-def importance_sampling_probabilities(scheduler: DDPMScheduler, snr_gamma: float) -> torch.Tensor:
-    """p(t) = w_t / sum_s w_s, the min-SNR weight of each timestep t = 0..T-1 over their sum.
-
-    Drawing t from p instead of Uniform({1..T}) and leaving the error unweighted is the same objective in
-    expectation, E_p[W error_t] = E_uniform[w_t error_t] with W the mean weight, at a lower variance: with
-    uniform t and gamma 10 on the cosine schedule, half of a batch has weights under a tenth of the largest and
-    adds almost nothing to the gradient; drawn from p, every image of a batch counts alike.
-    """
-    weights = min_snr_weights(scheduler, torch.arange(scheduler.config["num_train_timesteps"]), snr_gamma)
-    return weights / weights.sum()
-
-
 def diffusion_loss(unet: nn.Module, scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor,
-                   timesteps: torch.Tensor, snr_gamma: float | None = None,
-                   importance_sampled: bool = False) -> torch.Tensor:
+                   timesteps: torch.Tensor, snr_gamma: float | None = None) -> torch.Tensor:
     """Algorithm 1, lines 2-5, for a batch x0 with its noise eps and timesteps t drawn by the caller:
     L_simple = || eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t) ||^2   (Eq. 14),
-    averaged over pixels and batch; with snr_gamma, each image's error is weighted by min_snr_weights first,
-    or, when the timesteps were drawn from importance_sampling_probabilities, by their mean weight W.
+    averaged over pixels and batch; with snr_gamma, each image's error is weighted by min_snr_weights first.
     The MSE is taken in fp32 even under autocast."""
     noisy = scheduler.add_noise(x0, noise, timesteps)  # Eq. 4
     prediction = unet(noisy, timesteps)
@@ -65,7 +51,4 @@ def diffusion_loss(unet: nn.Module, scheduler: DDPMScheduler, x0: torch.Tensor, 
     if snr_gamma is None:
         return F.mse_loss(prediction.float(), target.float())
     per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if importance_sampled:
-        all_timesteps = torch.arange(scheduler.config["num_train_timesteps"])
-        return per_image.mean() * min_snr_weights(scheduler, all_timesteps, snr_gamma).mean()
     return (per_image * min_snr_weights(scheduler, timesteps, snr_gamma)).mean()

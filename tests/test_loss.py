@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 
 from ddpm import DDPMScheduler, UNet2DModel
-from ddpm.loss import diffusion_loss, importance_sampling_probabilities, min_snr_weights, training_target
+from ddpm.loss import diffusion_loss, min_snr_weights, training_target
 from oracle import TINY, perturb_
 
 TIMESTEPS = torch.tensor([0, 1, 10, 100, 250, 500, 750, 999])
@@ -89,29 +89,3 @@ def test_an_unreachable_gamma_leaves_the_epsilon_loss_l_simple(batch):
     unet = perturb_(UNet2DModel(**TINY))
     torch.testing.assert_close(diffusion_loss(unet, scheduler, x0, noise, timesteps, snr_gamma=1e9),
                                diffusion_loss(unet, scheduler, x0, noise, timesteps), rtol=1e-6, atol=0)
-
-
-@pytest.mark.parametrize("prediction_type", ["epsilon", "sample"])
-def test_importance_sampling_draws_each_timestep_in_proportion_to_its_min_snr_weight(prediction_type):
-    scheduler = DDPMScheduler(prediction_type=prediction_type, beta_schedule="squaredcos_cap_v2")
-    probabilities = importance_sampling_probabilities(scheduler, 10.0)
-    weights = min_snr_weights(scheduler, torch.arange(1000), 10.0)
-    assert probabilities.shape == (1000,)
-    torch.testing.assert_close(probabilities.sum(), torch.tensor(1.0))
-    torch.testing.assert_close(probabilities / probabilities[0], weights / weights[0])
-
-
-@pytest.mark.parametrize("prediction_type", ["epsilon", "sample"])
-def test_the_importance_sampled_loss_equals_the_min_snr_weighted_loss_in_expectation(prediction_type):
-    # E_p[loss of one image at t drawn from p] over every t, exactly, against the weighted loss with uniform t
-    scheduler = DDPMScheduler(prediction_type=prediction_type, beta_schedule="squaredcos_cap_v2")
-    g = torch.Generator().manual_seed(0)
-    x0, noise = torch.rand(1, 3, 4, 4, generator=g) * 2 - 1, torch.randn(1, 3, 4, 4, generator=g)
-    unet = lambda x, t: 0.5 * x  # noqa: E731 -- an error that differs from timestep to timestep
-    timesteps = torch.arange(1000)
-    weighted = diffusion_loss(unet, scheduler, x0.expand(1000, -1, -1, -1), noise.expand(1000, -1, -1, -1),
-                              timesteps, snr_gamma=10.0)
-    sampled = torch.stack([diffusion_loss(unet, scheduler, x0, noise, t.view(1), snr_gamma=10.0,
-                                          importance_sampled=True) for t in timesteps])
-    expectation = (importance_sampling_probabilities(scheduler, 10.0) * sampled).sum()
-    torch.testing.assert_close(expectation, weighted, rtol=1e-5, atol=0)

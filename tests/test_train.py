@@ -82,8 +82,8 @@ def loss_on_call(number: int, change):
     """A diffusion_loss whose `number`-th call (1-based) returns change(loss) instead of loss."""
     calls = []
 
-    def patched(*args, **kwargs):
-        loss = diffusion_loss(*args, **kwargs)
+    def patched(*args):
+        loss = diffusion_loss(*args)
         calls.append(1)
         return change(loss) if len(calls) == number else loss
 
@@ -177,9 +177,9 @@ def test_gradient_of_two_accumulated_micro_batches_equals_the_gradient_of_one_ba
 def test_train_py_weights_the_loss_by_min_snr_only_with_snr_gamma(tmp_path, monkeypatch):
     gammas = []
 
-    def recording_loss(unet, scheduler, x0, noise, timesteps, snr_gamma=None, importance_sampled=False):
+    def recording_loss(unet, scheduler, x0, noise, timesteps, snr_gamma=None):
         gammas.append(snr_gamma)
-        return diffusion_loss(unet, scheduler, x0, noise, timesteps, snr_gamma, importance_sampled)
+        return diffusion_loss(unet, scheduler, x0, noise, timesteps, snr_gamma)
 
     monkeypatch.setattr(train, "diffusion_loss", recording_loss)
     # butterflies-128 sets no snr_gamma; quickstart, the default preset, sets 10
@@ -191,34 +191,13 @@ def test_train_py_weights_the_loss_by_min_snr_only_with_snr_gamma(tmp_path, monk
     assert gammas == [None, 3.0, 10.0]
 
 
-def test_train_py_with_importance_sampling_draws_t_by_its_weight_and_says_so_to_the_loss(tmp_path, monkeypatch):
-    drawn, flags = [], []
-
-    def recording_loss(unet, scheduler, x0, noise, timesteps, snr_gamma=None, importance_sampled=False):
-        drawn.append(timesteps)
-        flags.append(importance_sampled)
-        return diffusion_loss(unet, scheduler, x0, noise, timesteps, snr_gamma, importance_sampled)
-
-    monkeypatch.setattr(train, "diffusion_loss", recording_loss)
-    options = dict(max_train_steps=4, train_batch_size=16, builtin_data=True, snr_gamma=5,
-                   ddpm_beta_schedule="squaredcos_cap_v2")
-    run(tmp_path, output_dir=tmp_path / "uniform", **options)
-    run(tmp_path, output_dir=tmp_path / "importance", timestep_sampling="importance", **options)
-    assert flags == [False] * 4 + [True] * 4
-    uniform, importance = torch.cat(drawn[:4]), torch.cat(drawn[4:])
-    # x0-prediction (the default preset's) with min(SNR, 5) and the cosine schedule puts 3% of the probability on
-    # t >= 600, uniform draws put 40% there
-    assert (uniform >= 600).float().mean() > 0.2
-    assert (importance >= 600).float().mean() < 0.1
-
-
 def test_train_py_accumulating_two_batches_of_4_takes_the_gradient_of_one_batch_of_8(tmp_path, monkeypatch):
-    def noise_from_pixels(unet, scheduler, x0, noise, timesteps, snr_gamma=None, importance_sampled=False):
+    def noise_from_pixels(unet, scheduler, x0, noise, timesteps, snr_gamma=None):
         # noise and timesteps as functions of each image, so both runs give each image the same ones
         # (train.py draws them per micro-batch, so a batch of 8 and two of 4 would draw different values)
         noise = torch.sin(97 * x0 + 1)
         timesteps = ((x0[:, 0, 0, 0] + 1) * 499).long()
-        return diffusion_loss(unet, scheduler, x0, noise, timesteps, snr_gamma, importance_sampled)
+        return diffusion_loss(unet, scheduler, x0, noise, timesteps, snr_gamma)
 
     monkeypatch.setattr(train, "diffusion_loss", noise_from_pixels)
     # no clipping: Adam's first step hardly depends on the gradient's scale, its moments do
@@ -513,8 +492,6 @@ BAD_INPUTS = {
     "negative_batch_size": lambda tmp: (dict(train_batch_size=-2), "--train_batch_size must be >= 1, got -2"),
     "zero_learning_rate": lambda tmp: (dict(learning_rate=0), "--learning_rate must be > 0, got 0.0"),
     "zero_snr_gamma": lambda tmp: (dict(snr_gamma=0), "--snr_gamma must be > 0, got 0.0"),
-    "importance_sampling_without_snr_gamma": lambda tmp: (
-        dict(preset="butterflies-128", timestep_sampling="importance"), "--timestep_sampling importance"),
     "negative_warmup": lambda tmp: (dict(lr_warmup_steps=-1), "--lr_warmup_steps must be >= 0, got -1"),
     "negative_seed": lambda tmp: (dict(seed=-1), "--seed must be >= 0, got -1"),
     "eval_bpd_images_with_one_timestep": lambda tmp: (
