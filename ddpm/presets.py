@@ -83,7 +83,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "resolution": 16,
         "train_batch_size": 32,
         "eval_batch_size": 16,
-        "max_train_steps": 4300,
+        "max_train_steps": 4800,
         "learning_rate": 4e-3,
         "lr_warmup_steps": 200,
         "lr_scheduler": "cosine",
@@ -91,7 +91,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "prediction_type": "sample",
         "snr_gamma": 10.0,
         "ddpm_beta_schedule": "squaredcos_cap_v2",
-        "save_images_epochs": 20,  # an epoch is 64 steps: grids at steps 1280, 2560, 3840 and at the end (4300)
+        "save_images_epochs": 20,  # an epoch is 64 steps: grids at steps 1280, 2560, 3840 and at the end (4800)
         "save_model_epochs": 20,
         "checkpointing_steps": 500,
         "sampler": "ddpm",
