@@ -24,8 +24,9 @@ from ddpm.presets import PRESETS
 PRESET = PRESETS["quickstart"]
 WITH_ATTENTION = {**PRESET["model"], "down_block_types": ["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"],
                   "up_block_types": ["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"]}
+BASELINE = "the preset (fused AdamW, as train.py)"
 VARIANTS = {  # name: (UNet config, AdamW's implementation)
-    "the preset (fused AdamW, as train.py)": (PRESET["model"], "fused"),
+    BASELINE: (PRESET["model"], "fused"),
     "the preset, foreach AdamW": (PRESET["model"], "foreach"),
     "attention at 4x4 (second search), fused": (WITH_ATTENTION, "fused"),
 }
@@ -72,11 +73,11 @@ def main() -> None:
         for _ in range(args.rounds):
             for name, step in steps.items():
                 rates[name].append(steps_per_second(step, args.seconds))
-        preset = statistics.median(rates[next(iter(rates))])
+        baseline = statistics.median(rates[BASELINE])
         for name, values in rates.items():
             rate = statistics.median(values)
             print(f"{threads} thread(s), batch {args.batch_size}, {name}: {rate:.2f} steps/s, "
-                  f"{rate * args.batch_size:.0f} images/s ({rate / preset:.2f}x the preset)", flush=True)
+                  f"{rate * args.batch_size:.0f} images/s ({rate / baseline:.2f}x the preset)", flush=True)
 
 
 if __name__ == "__main__":
