@@ -42,7 +42,7 @@ from ddpm.checkpoint import (CheckpointError, capture_rng_state, list_checkpoint
 from ddpm.data import CACHE_BYTES, DataError, EpochSampler, TrainingImages, load_images
 from ddpm.device_data import DeviceDataUnavailable, DeviceImages
 from ddpm.ema import EMA
-from ddpm.loss import diffusion_loss
+from ddpm.loss import diffusion_loss, draw_timesteps
 from ddpm.loggers import LoggerError, make_logger
 from ddpm.lr_schedule import make_lr_scheduler
 from ddpm.model_card import write_model_card
@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--prediction_type", default="epsilon", choices=["epsilon", "sample", "v_prediction"])
     add("--snr_gamma", type=float, default=None,
         help="min-SNR-gamma loss weighting (Hang et al. 2023; 5 is the paper's choice); off when not given")
+    add("--timestep_sampling", default="uniform", choices=["uniform", "stratified"],
+        help="uniform: t ~ U{1..T} per image (Algorithm 1); stratified: the batch's t spread evenly over [1, T] "
+             "by one shared uniform offset (Kingma et al. 2021), each t still uniform")
     add("--ddpm_num_steps", type=int, default=1000, help="T, the number of diffusion steps")
     add("--ddpm_num_inference_steps", type=int, default=None,
         help="denoising steps for sample grids (with --sampler ddim, 50 unless given)")
@@ -499,8 +502,8 @@ def main(argv=None) -> None:
             x0 = next_batch()
             # Algorithm 1: t ~ Uniform({1..T}) (0-based here), eps ~ N(0, I)
             noise = torch.randn(x0.shape, generator=noise_generator, device=device)
-            timesteps = torch.randint(0, args.ddpm_num_steps, (x0.shape[0],), generator=noise_generator,
-                                      device=device)
+            timesteps = draw_timesteps(x0.shape[0], args.ddpm_num_steps, noise_generator, device,
+                                       stratified=args.timestep_sampling == "stratified")
             # gradients are all-reduced only on the last micro-step
             sync = micro_step == args.gradient_accumulation_steps - 1
             with (nullcontext() if sync or not ctx.is_distributed else model.no_sync()):
