@@ -42,7 +42,7 @@ from ddpm.checkpoint import (CheckpointError, capture_rng_state, list_checkpoint
 from ddpm.data import CACHE_BYTES, DataError, EpochSampler, TrainingImages, load_images
 from ddpm.device_data import DeviceDataUnavailable, DeviceImages
 from ddpm.ema import EMA
-from ddpm.loss import diffusion_loss, draw_timesteps
+from ddpm.loss import diffusion_loss
 from ddpm.loggers import LoggerError, make_logger
 from ddpm.lr_schedule import make_lr_scheduler
 from ddpm.model_card import write_model_card
@@ -117,9 +117,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("--snr_floor", type=float, default=None,
         help="with --snr_gamma and x_0 or v prediction: the x_0 error's weight is at least this where SNR(t) is "
              "lower (1: the truncated-SNR floor of Salimans & Ho 2022); off when not given")
-    add("--timestep_sampling", default="uniform", choices=["uniform", "stratified"],
-        help="uniform: t ~ U{1..T} per image (Algorithm 1); stratified: the batch's t spread evenly over [1, T] "
-             "by one shared uniform offset (Kingma et al. 2021), each t still uniform")
     add("--ddpm_num_steps", type=int, default=1000, help="T, the number of diffusion steps")
     add("--ddpm_num_inference_steps", type=int, default=None,
         help="denoising steps for sample grids (with --sampler ddim, 50 unless given)")
@@ -512,8 +509,8 @@ def main(argv=None) -> None:
             x0 = next_batch()
             # Algorithm 1: t ~ Uniform({1..T}) (0-based here), eps ~ N(0, I)
             noise = torch.randn(x0.shape, generator=noise_generator, device=device)
-            timesteps = draw_timesteps(x0.shape[0], args.ddpm_num_steps, noise_generator, device,
-                                       stratified=args.timestep_sampling == "stratified")
+            timesteps = torch.randint(0, args.ddpm_num_steps, (x0.shape[0],), generator=noise_generator,
+                                      device=device)
             # gradients are all-reduced only on the last micro-step
             sync = micro_step == args.gradient_accumulation_steps - 1
             with (nullcontext() if sync or not ctx.is_distributed else model.no_sync()):

@@ -8,19 +8,6 @@ from torch import nn
 from .scheduler import DDPMScheduler
 
 
-def draw_timesteps(batch_size: int, num_steps: int, generator: torch.Generator, device: torch.device,
-                   stratified: bool = False) -> torch.Tensor:
-    """t ~ Uniform({1..T}) for each image (Algorithm 1, line 3; 0-based here). Stratified (Kingma et al. 2021,
-    "Variational Diffusion Models", Appendix I.1): one u ~ U[0, 1) shifts an even comb over the batch,
-    t_i = floor(T ((u + i / B) mod 1)); each t_i is still uniform, but every batch covers [0, T) evenly, which
-    lowers the variance of the batch's loss."""
-    if not stratified:
-        return torch.randint(0, num_steps, (batch_size,), generator=generator, device=device)
-    u = torch.rand((), generator=generator, device=device)
-    comb = torch.arange(batch_size, device=device) / batch_size
-    return ((u + comb) % 1 * num_steps).long().clamp(max=num_steps - 1)
-
-
 def training_target(scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor,
                     timesteps: torch.Tensor) -> torch.Tensor:
     """What the network learns to output for x_t: eps (DDPM), x_0 itself, or v (Salimans & Ho 2022)."""

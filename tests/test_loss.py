@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 
 from ddpm import DDPMScheduler, UNet2DModel
-from ddpm.loss import diffusion_loss, draw_timesteps, min_snr_weights, training_target
+from ddpm.loss import diffusion_loss, min_snr_weights, training_target
 from oracle import TINY, perturb_
 
 TIMESTEPS = torch.tensor([0, 1, 10, 100, 250, 500, 750, 999])
@@ -108,28 +108,3 @@ def test_an_unreachable_gamma_leaves_the_epsilon_loss_l_simple(batch):
     unet = perturb_(UNet2DModel(**TINY))
     torch.testing.assert_close(diffusion_loss(unet, scheduler, x0, noise, timesteps, snr_gamma=1e9),
                                diffusion_loss(unet, scheduler, x0, noise, timesteps), rtol=1e-6, atol=0)
-
-
-def test_uniform_timesteps_are_torchs_randint_draw_so_earlier_runs_keep_their_noise():
-    drawn = draw_timesteps(16, 1000, torch.Generator().manual_seed(3), torch.device("cpu"))
-    assert torch.equal(drawn, torch.randint(0, 1000, (16,), generator=torch.Generator().manual_seed(3)))
-
-
-@pytest.mark.parametrize("batch_size, num_steps", [(32, 1000), (7, 1000), (8, 10)])
-def test_stratified_timesteps_put_one_draw_in_each_of_the_batchs_equal_strata(batch_size, num_steps):
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(200):
-        drawn = draw_timesteps(batch_size, num_steps, generator, torch.device("cpu"), stratified=True)
-        assert drawn.dtype == torch.long and drawn.min() >= 0 and drawn.max() < num_steps
-        # the k-th smallest lies in [floor(k T / B), ceil((k + 1) T / B)): one per stratum
-        for k, t in enumerate(drawn.sort().values.tolist()):
-            assert k * num_steps // batch_size <= t < -(-(k + 1) * num_steps // batch_size)
-
-
-def test_stratified_timesteps_are_each_still_uniform_over_all_steps():
-    generator = torch.Generator().manual_seed(0)
-    first = torch.stack([draw_timesteps(32, 1000, generator, torch.device("cpu"), stratified=True)[0]
-                         for _ in range(4000)])
-    # the first image's t (any position alike) covers [0, T) evenly: 10 bins of 100 steps, 400 expected in each
-    counts = torch.bincount(first // 100, minlength=10)
-    assert counts.min() > 320 and counts.max() < 480, counts

@@ -192,23 +192,6 @@ def test_train_py_weights_the_loss_by_min_snr_only_with_snr_gamma(tmp_path, monk
     assert gammas == [(None, None), (3.0, None), (10.0, None), (10.0, 0.5)]
 
 
-def test_train_py_draws_stratified_timesteps_only_when_asked(tmp_path, monkeypatch):
-    batches = []
-
-    def recording_loss(unet, scheduler, x0, noise, timesteps, snr_gamma=None, snr_floor=None):
-        batches.append(timesteps.sort().values)
-        return diffusion_loss(unet, scheduler, x0, noise, timesteps, snr_gamma, snr_floor)
-
-    monkeypatch.setattr(train, "diffusion_loss", recording_loss)
-    run(tmp_path, output_dir=tmp_path / "stratified", max_train_steps=3, train_batch_size=8,
-        timestep_sampling="stratified")
-    run(tmp_path, output_dir=tmp_path / "uniform", max_train_steps=3, train_batch_size=8)
-    strata = torch.arange(8) * 125  # T = 1000 over 8 images: [0, 125), [125, 250), ...
-    stratified = [bool(((t >= strata) & (t < strata + 125)).all()) for t in batches]
-    # three independent uniform batches of 8 would all be stratified with probability (8!/8^8)^3 < 1e-7
-    assert stratified[:3] == [True] * 3 and not all(stratified[3:])
-
-
 def test_train_py_accumulating_two_batches_of_4_takes_the_gradient_of_one_batch_of_8(tmp_path, monkeypatch):
     def noise_from_pixels(unet, scheduler, x0, noise, timesteps, snr_gamma=None, snr_floor=None):
         # noise and timesteps as functions of each image, so both runs give each image the same ones
