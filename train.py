@@ -114,9 +114,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("--prediction_type", default="epsilon", choices=["epsilon", "sample", "v_prediction"])
     add("--snr_gamma", type=float, default=None,
         help="min-SNR-gamma loss weighting (Hang et al. 2023; 5 is the paper's choice); off when not given")
-    add("--snr_floor", type=float, default=None,
-        help="with --snr_gamma and x_0 or v prediction: the x_0 error's weight is at least this where SNR(t) is "
-             "lower (1: the truncated-SNR floor of Salimans & Ho 2022); off when not given")
     add("--ddpm_num_steps", type=int, default=1000, help="T, the number of diffusion steps")
     add("--ddpm_num_inference_steps", type=int, default=None,
         help="denoising steps for sample grids (with --sampler ddim, 50 unless given)")
@@ -175,8 +172,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "save_images_epochs", "save_model_epochs", "gradient_accumulation_steps", "logging_steps",
                  "ddpm_num_steps", "ddpm_num_inference_steps", "checkpointing_steps", "checkpoints_total_limit"):
         positive(name)
-    for name in ("learning_rate", "adam_epsilon", "ema_inv_gamma", "ddp_timeout", "max_grad_norm", "snr_gamma",
-                 "snr_floor"):
+    for name in ("learning_rate", "adam_epsilon", "ema_inv_gamma", "ddp_timeout", "max_grad_norm", "snr_gamma"):
         if getattr(args, name) is not None and not getattr(args, name) > 0:
             parser.error(f"--{name} must be > 0, got {getattr(args, name)}")
     for name in ("dataloader_num_workers", "lr_warmup_steps", "adam_weight_decay", "eval_bpd_images", "score_images",
@@ -186,12 +182,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not (0 <= args.adam_beta1 < 1 and 0 <= args.adam_beta2 < 1 and 0 <= args.ema_max_decay <= 1):
         parser.error(f"--adam_beta1/--adam_beta2 must be in [0, 1) and --ema_max_decay in [0, 1], got "
                      f"{args.adam_beta1}, {args.adam_beta2}, {args.ema_max_decay}")
-    if args.snr_floor is not None and (args.snr_gamma is None or args.snr_floor > args.snr_gamma):
-        parser.error(f"--snr_floor {args.snr_floor} is a floor under the min-SNR weight: it needs --snr_gamma at or "
-                     f"above it, got {args.snr_gamma}")
-    if args.snr_floor is not None and args.prediction_type == "epsilon":
-        parser.error("--snr_floor is for --prediction_type sample or v_prediction, got epsilon: there a floor on the "
-                     "x_0 error's weight makes the epsilon error's weight floor / SNR, unbounded as SNR -> 0")
     if args.ddpm_num_inference_steps > args.ddpm_num_steps:
         parser.error(f"--ddpm_num_inference_steps ({args.ddpm_num_inference_steps}) cannot exceed "
                      f"--ddpm_num_steps ({args.ddpm_num_steps})")
@@ -515,8 +505,7 @@ def main(argv=None) -> None:
             sync = micro_step == args.gradient_accumulation_steps - 1
             with (nullcontext() if sync or not ctx.is_distributed else model.no_sync()):
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    loss = diffusion_loss(model, scheduler, x0, noise, timesteps, args.snr_gamma,
-                                          args.snr_floor)
+                    loss = diffusion_loss(model, scheduler, x0, noise, timesteps, args.snr_gamma)
                 scaler.scale(loss / args.gradient_accumulation_steps).backward()
             loss_sum += loss.detach() / args.gradient_accumulation_steps
             if not scaler.is_enabled():  # under fp16 an overflowing loss only makes GradScaler skip the step

@@ -46,25 +46,6 @@ def test_min_snr_weights_equal_diffusers_training_scripts(prediction_type):
     torch.testing.assert_close(ours, weights, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("prediction_type", ["sample", "v_prediction"])
-def test_a_snr_floor_holds_the_x0_weight_at_the_floor_where_snr_is_below_it(prediction_type):
-    snr = paper_snr(TIMESTEPS)
-    x0_weight = snr.clamp(min=0.5, max=5.0)  # clamp(SNR(t), floor, gamma)
-    expected = x0_weight if prediction_type == "sample" else x0_weight / (snr + 1)
-    scheduler = DDPMScheduler(prediction_type=prediction_type)
-    ours = min_snr_weights(scheduler, TIMESTEPS, 5.0, snr_floor=0.5)
-    torch.testing.assert_close(ours.double(), expected, rtol=5e-4, atol=0)
-    # the floor changes only the steps whose SNR is below it, and those it does change
-    unfloored = min_snr_weights(scheduler, TIMESTEPS, 5.0)
-    assert torch.equal(ours[snr >= 0.5], unfloored[snr >= 0.5])
-    assert (snr < 0.5).any() and torch.all(ours[snr < 0.5] > unfloored[snr < 0.5])
-
-
-def test_a_snr_floor_with_epsilon_prediction_is_refused():
-    with pytest.raises(ValueError, match="not epsilon"):
-        min_snr_weights(DDPMScheduler(), TIMESTEPS, 5.0, snr_floor=1.0)
-
-
 def test_epsilon_weights_are_one_where_snr_is_below_gamma_and_gamma_over_snr_above():
     snr = paper_snr(TIMESTEPS).float()
     weights = min_snr_weights(DDPMScheduler(), TIMESTEPS, 5.0)

@@ -177,9 +177,9 @@ def test_gradient_of_two_accumulated_micro_batches_equals_the_gradient_of_one_ba
 def test_train_py_weights_the_loss_by_min_snr_only_with_snr_gamma(tmp_path, monkeypatch):
     gammas = []
 
-    def recording_loss(unet, scheduler, x0, noise, timesteps, snr_gamma=None, snr_floor=None):
-        gammas.append((snr_gamma, snr_floor))
-        return diffusion_loss(unet, scheduler, x0, noise, timesteps, snr_gamma, snr_floor)
+    def recording_loss(unet, scheduler, x0, noise, timesteps, snr_gamma=None):
+        gammas.append(snr_gamma)
+        return diffusion_loss(unet, scheduler, x0, noise, timesteps, snr_gamma)
 
     monkeypatch.setattr(train, "diffusion_loss", recording_loss)
     # butterflies-128 sets no snr_gamma; quickstart, the default preset, sets 10
@@ -188,17 +188,16 @@ def test_train_py_weights_the_loss_by_min_snr_only_with_snr_gamma(tmp_path, monk
     run(tmp_path, output_dir=tmp_path / "weighted", max_train_steps=1, preset="butterflies-128", builtin_data=True,
         mixed_precision="no", snr_gamma=3)
     run(tmp_path, output_dir=tmp_path / "quickstart", max_train_steps=1)
-    run(tmp_path, output_dir=tmp_path / "floored", max_train_steps=1, snr_floor=0.5)
-    assert gammas == [(None, None), (3.0, None), (10.0, None), (10.0, 0.5)]
+    assert gammas == [None, 3.0, 10.0]
 
 
 def test_train_py_accumulating_two_batches_of_4_takes_the_gradient_of_one_batch_of_8(tmp_path, monkeypatch):
-    def noise_from_pixels(unet, scheduler, x0, noise, timesteps, snr_gamma=None, snr_floor=None):
+    def noise_from_pixels(unet, scheduler, x0, noise, timesteps, snr_gamma=None):
         # noise and timesteps as functions of each image, so both runs give each image the same ones
         # (train.py draws them per micro-batch, so a batch of 8 and two of 4 would draw different values)
         noise = torch.sin(97 * x0 + 1)
         timesteps = ((x0[:, 0, 0, 0] + 1) * 499).long()
-        return diffusion_loss(unet, scheduler, x0, noise, timesteps, snr_gamma, snr_floor)
+        return diffusion_loss(unet, scheduler, x0, noise, timesteps, snr_gamma)
 
     monkeypatch.setattr(train, "diffusion_loss", noise_from_pixels)
     # no clipping: Adam's first step hardly depends on the gradient's scale, its moments do
@@ -493,13 +492,6 @@ BAD_INPUTS = {
     "negative_batch_size": lambda tmp: (dict(train_batch_size=-2), "--train_batch_size must be >= 1, got -2"),
     "zero_learning_rate": lambda tmp: (dict(learning_rate=0), "--learning_rate must be > 0, got 0.0"),
     "zero_snr_gamma": lambda tmp: (dict(snr_gamma=0), "--snr_gamma must be > 0, got 0.0"),
-    "snr_floor_without_snr_gamma": lambda tmp: (dict(snr_floor=1, prediction_type="sample", preset="butterflies-128",
-                                                     builtin_data=True),  # a preset without snr_gamma
-                                                "needs --snr_gamma at or above it, got None"),
-    "snr_floor_above_snr_gamma": lambda tmp: (dict(snr_floor=6, snr_gamma=5, prediction_type="sample"),
-                                              "--snr_floor 6.0 is a floor under the min-SNR weight"),
-    "snr_floor_with_epsilon": lambda tmp: (dict(snr_floor=1, snr_gamma=5, prediction_type="epsilon"),
-                                           "--snr_floor is for --prediction_type sample or v_prediction, got epsilon"),
     "negative_warmup": lambda tmp: (dict(lr_warmup_steps=-1), "--lr_warmup_steps must be >= 0, got -1"),
     "negative_seed": lambda tmp: (dict(seed=-1), "--seed must be >= 0, got -1"),
     "eval_bpd_images_with_one_timestep": lambda tmp: (
