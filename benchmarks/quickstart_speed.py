@@ -1,14 +1,15 @@
-"""How fast this machine trains the quickstart UNet right now: training steps per second (forward, backward,
-AdamW), batch 32 at 16x16, on one and on two threads; beside it, side by side in the same rounds, the variants
-the third search of docs/quickstart.md compared: the second search's UNet (attention at 4x4) and AdamW's
-foreach ops instead of its fused kernel. Each variant is timed for --seconds per round after 3 untimed steps,
-the rounds interleave the variants (a shared machine's speed drifts), and the median round is printed.
+"""How fast this machine trains the quickstart UNet right now: training images per second (forward, backward,
+AdamW) at 16x16, on one and on two threads; beside it, side by side in the same rounds, the variants the fourth
+search of docs/quickstart.md compared: the preset's UNet at the third search's batch (32), and the third search's
+preset (its wider UNet, 16-32-64 channels, batch 32) at both batches. Each variant is timed for --seconds per
+round after 3 untimed steps, the rounds interleave the variants (a shared machine's speed drifts), and the median
+round is printed, with its ratio to the preset in images per second (what counts for a run of fixed length).
 
 The quickstart preset's step count was sized to fit 10 minutes on this project's 2-core CPU; a shared machine's
 speed varies from hour to hour (docs/quickstart.md), so measure it beside any timing you quote.
 
-$ python benchmarks/quickstart_speed.py                 # ~1 min
-$ python benchmarks/quickstart_speed.py --threads 2 --batch_size 16
+$ python benchmarks/quickstart_speed.py                 # ~1.5 min
+$ python benchmarks/quickstart_speed.py --threads 2
 """
 
 import argparse
@@ -22,20 +23,20 @@ from ddpm import UNet2DModel
 from ddpm.presets import PRESETS
 
 PRESET = PRESETS["quickstart"]
-WITH_ATTENTION = {**PRESET["model"], "down_block_types": ["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"],
-                  "up_block_types": ["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"]}
-BASELINE = "the preset (fused AdamW, as train.py)"
-VARIANTS = {  # name: (UNet config, AdamW's implementation)
-    BASELINE: (PRESET["model"], "fused"),
-    "the preset, foreach AdamW": (PRESET["model"], "foreach"),
-    "attention at 4x4 (second search), fused": (WITH_ATTENTION, "fused"),
+THIRD_SEARCH_UNET = {**PRESET["model"], "block_out_channels": [16, 32, 64]}
+BASELINE = f"the preset (batch {PRESET['train_batch_size']})"
+VARIANTS = {  # name: (UNet config, batch size)
+    BASELINE: (PRESET["model"], PRESET["train_batch_size"]),
+    "the preset's UNet, batch 32": (PRESET["model"], 32),
+    "the third search's preset (16-32-64, batch 32)": (THIRD_SEARCH_UNET, 32),
+    "the third search's UNet, batch 64": (THIRD_SEARCH_UNET, 64),
 }
 
 
-def training_step(model: dict, adamw: str, batch_size: int):
+def training_step(model: dict, batch_size: int):
     torch.manual_seed(0)
     unet = UNet2DModel(**model, sample_size=PRESET["resolution"])
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=PRESET["learning_rate"], **{adamw: True})
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=PRESET["learning_rate"], fused=True)  # as train.py
     x = torch.randn(batch_size, 3, PRESET["resolution"], PRESET["resolution"])
     timesteps = torch.randint(0, 1000, (batch_size,))
 
@@ -59,25 +60,24 @@ def steps_per_second(step, seconds: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=2.0, help="per variant and round")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     for threads in args.threads:
         torch.set_num_threads(threads)
-        steps = {name: training_step(model, adamw, args.batch_size) for name, (model, adamw) in VARIANTS.items()}
+        steps = {name: training_step(model, batch) for name, (model, batch) in VARIANTS.items()}
         for step in steps.values():
             for _ in range(3):
                 step()
         rates = {name: [] for name in steps}
         for _ in range(args.rounds):
             for name, step in steps.items():
-                rates[name].append(steps_per_second(step, args.seconds))
+                rates[name].append(steps_per_second(step, args.seconds) * VARIANTS[name][1])
         baseline = statistics.median(rates[BASELINE])
         for name, values in rates.items():
             rate = statistics.median(values)
-            print(f"{threads} thread(s), batch {args.batch_size}, {name}: {rate:.2f} steps/s, "
-                  f"{rate * args.batch_size:.0f} images/s ({rate / baseline:.2f}x the preset)", flush=True)
+            print(f"{threads} thread(s), {name}: {rate:.0f} images/s, {rate / VARIANTS[name][1]:.2f} steps/s "
+                  f"({rate / baseline:.2f}x the preset's images/s)", flush=True)
 
 
 if __name__ == "__main__":
