@@ -37,7 +37,7 @@ CIFAR10_UNET: dict[str, Any] = {
 
 # Small enough to train on 2 CPU cores in minutes, at 16x16 on the built-in shapes: 0.27M parameters, no attention
 # but the middle block's (the third search of docs/quickstart.md: with attention at 4x4 too, a step ran 0.78x as
-# fast), 32 channels at 4x4 (the fourth search: 64 there trained 0.63x as many images a second, batch 64, 2 threads)
+# fast), 32 channels at 4x4 (the fourth search: with 64 there, 0.69x to 0.82x the images a second, batch 64, 2 threads)
 QUICKSTART_UNET: dict[str, Any] = {
     "in_channels": 3,
     "out_channels": 3,
@@ -82,7 +82,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         # weights); DDPM sampling over 100 strided steps for the grids and the final shapes score of 256 samples.
         "model": QUICKSTART_UNET,
         "resolution": 16,
-        "train_batch_size": 64,  # on two threads, 1.2x the images a second of batch 32 (docs/quickstart.md)
+        "train_batch_size": 64,  # on two threads, 1.1x to 1.2x the images a second of batch 32 (docs/quickstart.md)
         "eval_batch_size": 16,
         "max_train_steps": 3790,
         "learning_rate": 4e-3,
