@@ -323,7 +323,7 @@ def main(argv=None) -> None:
     if ctx.is_distributed:
         model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     # fused: one kernel for all parameters; on 2 CPU threads the quickstart step ran 1.11x as fast as with foreach ops
-    # (benchmarks/quickstart_speed.py)
+    # (docs/quickstart.md, third search)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, fused=True)
     lr_scheduler = make_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, total_steps)

@@ -8,7 +8,7 @@ round is printed, with its ratio to the preset in images per second (what counts
 The quickstart preset's step count was sized to fit 10 minutes on this project's 2-core CPU; a shared machine's
 speed varies from hour to hour (docs/quickstart.md), so measure it beside any timing you quote.
 
-$ python benchmarks/quickstart_speed.py                 # ~1.5 min
+$ python benchmarks/quickstart_speed.py                 # ~2 min
 $ python benchmarks/quickstart_speed.py --threads 2
 """
 
