@@ -49,6 +49,7 @@ from ddpm.model_card import write_model_card
 from ddpm.presets import PRESETS, check_preset_data
 from ddpm.run_evaluation import RunEvaluation
 from ddpm.sampling import sample_grid
+from ddpm.time_budget import NOT_YET_FITTED, TimeBudget
 
 # Configuration: preset values, overridden by explicit flags.
 
@@ -80,8 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the decoded images on the training device as one tensor and draw the batches there, without a "
              "DataLoader; needs --cache_images and no random crops (images resolution x resolution after resizing, "
              "or --center_crop); else one line says why")
-    add("--num_epochs", type=int, default=100, help="passes over the data (ignored with --max_train_steps)")
+    add("--num_epochs", type=int, default=None,
+        help="passes over the data, 100 unless a preset says (ignored with --max_train_steps or --max_train_minutes)")
     add("--max_train_steps", type=int, default=None, help="optimizer steps to train; overrides --num_epochs")
+    add("--max_train_minutes", type=float, default=None,
+        help="train as many optimizer steps as fit in this many minutes (grids included), fixed from the step rate "
+             "at the end of the LR warmup and kept by checkpoints (at most --max_train_steps if given too); a "
+             "preset's budget is dropped when --max_train_steps or --num_epochs is given")
     add("--save_images_epochs", type=int, default=None, help="write a sample grid every N epochs (and at the end)")
     add("--save_model_epochs", type=int, default=None, help="write the pipeline every N epochs (and at the end)")
     add("--gradient_accumulation_steps", type=int, default=1, help="micro-steps per optimizer step")
@@ -157,6 +163,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.dataset_name = None  # your own image folder, or the built-in shapes, replaces the preset's Hub dataset
     if given.dataset_name or given.builtin_data:
         args.train_data_dir = given.train_data_dir  # a Hub dataset or the built-in shapes replaces the preset's folder
+    if (given.max_train_steps or given.num_epochs) and given.max_train_minutes is None:
+        args.max_train_minutes = None  # a step count typed replaces the preset's time budget
+    if args.num_epochs is None:
+        args.num_epochs = 100
     preset_name = given.preset
     args.model_config = dict(PRESETS[preset_name]["model"])
     args.use_ema = bool(args.use_ema)
@@ -172,7 +182,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "save_images_epochs", "save_model_epochs", "gradient_accumulation_steps", "logging_steps",
                  "ddpm_num_steps", "ddpm_num_inference_steps", "checkpointing_steps", "checkpoints_total_limit"):
         positive(name)
-    for name in ("learning_rate", "adam_epsilon", "ema_inv_gamma", "ddp_timeout", "max_grad_norm", "snr_gamma"):
+    for name in ("learning_rate", "adam_epsilon", "ema_inv_gamma", "ddp_timeout", "max_grad_norm", "snr_gamma",
+                 "max_train_minutes"):
         if getattr(args, name) is not None and not getattr(args, name) > 0:
             parser.error(f"--{name} must be > 0, got {getattr(args, name)}")
     for name in ("dataloader_num_workers", "lr_warmup_steps", "adam_weight_decay", "eval_bpd_images", "score_images",
@@ -303,7 +314,11 @@ def main(argv=None) -> None:
                             generator=torch.Generator())  # keeps the global RNG (dropout) out of the data order
     batches_per_epoch = len(sampler) // args.train_batch_size
     steps_per_epoch = batches_per_epoch / args.gradient_accumulation_steps
-    total_steps = args.max_train_steps or math.ceil(args.num_epochs * steps_per_epoch)
+    budget = TimeBudget(args.max_train_minutes, args.lr_warmup_steps) if args.max_train_minutes else None
+    if budget is not None:
+        total_steps = args.max_train_steps or NOT_YET_FITTED  # fixed by the budget at the end of the warmup
+    else:
+        total_steps = args.max_train_steps or math.ceil(args.num_epochs * steps_per_epoch)
 
     # Model, noise schedule, optimizer, LR schedule, EMA
 
@@ -340,6 +355,7 @@ def main(argv=None) -> None:
     # Resume
 
     step, epoch, epoch_batches, skipped_steps, skipped_in_a_row = 0, 0, 0, 0, 0
+    budget_seconds_used = 0.0
     resume_path = None
     if args.resume_from_checkpoint == "latest":
         found = list_checkpoints(output_dir)
@@ -360,6 +376,12 @@ def main(argv=None) -> None:
                 if state[name] != now:
                     fail(f"checkpoint {str(resume_path)!r} was written with {name} {state[name]}, this run has "
                          f"{now}; resume with the same seed, data and batch size")
+            if budget is not None and state.get("steps_fitted_to_budget"):
+                # the resumed run's time budget fixed its length: the same end, the same LR schedule
+                total_steps, budget.fitted = state["total_steps"], True
+                lr_scheduler = make_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, total_steps)
+            elif budget is not None:
+                budget_seconds_used = state.get("train_seconds") or 0.0
             unet.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
             step, epoch, epoch_batches = state["step"], state["epoch"], state["epoch_batches"]
@@ -411,12 +433,17 @@ def main(argv=None) -> None:
     precision = {"no": "fp32", "fp16": "fp16 autocast", "bf16": "bf16 autocast"}[args.mixed_precision]
     if args.mixed_precision_auto:
         precision += " (--mixed_precision auto: bf16 on a GPU that has it, else fp32)"
+    planned = f"{total_steps} optimizer steps"
+    if budget is not None and not budget.fitted:
+        planned = (f"as many optimizer steps as fit in {args.max_train_minutes:g} min"
+                   + (f", at most {args.max_train_steps}" if args.max_train_steps else "")
+                   + " (counted at the end of the LR warmup)")
     log_main(ctx, f"{source.description}{in_memory}{skipped}; "
                   f"{sum(p.numel() for p in unet.parameters()):,} UNet parameters; "
                   f"global batch {args.train_batch_size} x {ctx.world_size} processes x "
                   f"{args.gradient_accumulation_steps} accumulation = "
                   f"{args.train_batch_size * ctx.world_size * args.gradient_accumulation_steps}; "
-                  f"{total_steps} optimizer steps ({steps_per_epoch:g} per epoch) on {device}, {precision}")
+                  f"{planned} ({steps_per_epoch:g} per epoch) on {device}, {precision}")
 
     # Evaluation (ddpm/run_evaluation.py): shapes scores on the built-in data, --eval_bpd_images' estimate
     try:
@@ -462,6 +489,8 @@ def main(argv=None) -> None:
                      "ema_step": ema.optimization_step if ema else None, "world_size": ctx.world_size,
                      "seed": args.seed, "train_batch_size": args.train_batch_size, "dataset_size": len(dataset),
                      "noise_seeds": [rank_seed("noise", args.seed, r) for r in range(ctx.world_size)],
+                     "total_steps": total_steps, "steps_fitted_to_budget": budget is not None and budget.fitted,
+                     "train_seconds": budget.used_seconds() if budget is not None and not budget.fitted else None,
                      "args": run_config}
             path = save_checkpoint(output_dir, step, unet.state_dict(), ema.state_dict() if ema else None,
                                    optimizer.state_dict(), rng_states, state, args.checkpoints_total_limit)
@@ -488,7 +517,10 @@ def main(argv=None) -> None:
 
     data_iter = None
     model.train()
-    progress = tqdm(total=total_steps, initial=step, desc="training", disable=not ctx.is_main, dynamic_ncols=True)
+    progress = tqdm(total=None if total_steps == NOT_YET_FITTED else total_steps, initial=step, desc="training",
+                    disable=not ctx.is_main, dynamic_ncols=True)
+    if budget is not None and not budget.fitted:
+        budget.start(step, budget_seconds_used)
     loss_sum = torch.zeros((), device=device)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     window_start, window_images, window_steps = time.perf_counter(), 0, 0
@@ -532,6 +564,18 @@ def main(argv=None) -> None:
         step += 1
         window_steps += 1
         progress.update(1)
+
+        if budget is not None and not budget.fitted:
+            budget.after_step(step)
+            # decided by rank 0's clock (checked at logging steps), so that every rank stops at the same step
+            checked = step >= budget.fit_step or step % args.logging_steps == 0
+            if checked and distributed.from_main(ctx, budget.due(step)):
+                fitted_steps, how = budget.steps_that_fit(step, args.max_train_steps)
+                total_steps = int(distributed.from_main(ctx, fitted_steps))
+                lr_scheduler = make_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, total_steps, step)
+                progress.total = total_steps
+                progress.refresh()
+                log_main(ctx, how)
 
         stop = distributed.any_rank(ctx, bool(stop_requested))
         last = step == total_steps or stop

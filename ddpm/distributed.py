@@ -76,6 +76,15 @@ def same_on_every_rank(ctx: Context, value: int) -> bool:
     return tensor[0].item() == -tensor[1].item()
 
 
+def from_main(ctx: Context, value: float) -> float:
+    """Rank 0's `value` on every rank (e.g. a decision taken from rank 0's clock)."""
+    if not ctx.is_distributed:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)  # a CPU tensor over gloo, as in any_rank
+    dist.broadcast(tensor, src=0, group=ctx.cpu_group)
+    return tensor.item()
+
+
 def gather_to_main(ctx: Context, value):
     """A list of every rank's `value` on rank 0 (None elsewhere)."""
     if not ctx.is_distributed:

@@ -52,7 +52,12 @@ def lr_lambda(name: str, warmup_steps: int, total_steps: int) -> Callable[[int],
 
 
 def make_lr_scheduler(
-    optimizer: torch.optim.Optimizer, name: str, warmup_steps: int, total_steps: int
+    optimizer: torch.optim.Optimizer, name: str, warmup_steps: int, total_steps: int, step: int = 0
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR following schedule `name`; call its .step() once per optimizer step."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(name, warmup_steps, total_steps))
+    """A LambdaLR following schedule `name`; call its .step() once per optimizer step.
+
+    With `step`, it takes over from an earlier scheduler of the same optimizer after that many steps (when
+    --max_train_minutes has fixed total_steps) and sets the optimizer's lr for that step.
+    """
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(name, warmup_steps, total_steps),
+                                             last_epoch=step - 1)

@@ -239,6 +239,21 @@ def test_two_process_run_resumed_from_a_checkpoint_equals_the_uninterrupted_run_
 # What the ranks hold
 
 
+def test_two_processes_under_a_time_budget_end_together_at_the_count_rank_0_fixed(tiny_config, tmp_path):
+    # each rank measures its own step rate; rank 0's count must be every rank's, or one would wait for the other
+    output_dir = tmp_path / "out"
+    result = torchrun(TRAIN_PY, *train_args(tiny_config, output_dir, "--max_train_minutes", "0.1",
+                                            "--lr_warmup_steps", "30", "--checkpointing_steps", "100000",
+                                            "--ddp_timeout", "60"))
+    assert result.returncode == 0, tail(result.stdout)
+    fitted = re.findall(r"(\d+) optimizer steps fit in the time budget of 0.1 min", result.stdout)
+    assert len(fitted) == 1, tail(result.stdout)  # said once, by rank 0
+    total = int(fitted[0])
+    assert list_checkpoints(output_dir) == [output_dir / f"checkpoint-{total}"]
+    for rank in (0, 1):
+        assert load_checkpoint(output_dir / f"checkpoint-{total}", rank)["state"]["total_steps"] == total
+
+
 def test_ranks_hold_identical_weights_and_ema_after_training_with_accumulation(tiny_config, tmp_path):
     output_dir = tmp_path / "out"
     (tmp_path / "record_weights.py").write_text(RECORD_WEIGHTS)

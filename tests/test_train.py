@@ -4,8 +4,11 @@ Most runs call train.main(argv) in this process (a subprocess spends seconds imp
 the SIGTERM test and one error test run `python train.py` to see what the user sees.
 """
 
+import contextlib
+import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -44,7 +47,7 @@ TINY_UNET = {
 
 def tiny_args(tmp_path: Path, model: dict | None = None, **options) -> list[str]:
     """argv for a tiny CPU run writing to tmp_path/out, without EMA; `options` add or override flags
-    (True: a bare flag, False: its --no- form)."""
+    (True: a bare flag, False: its --no- form, None: left out)."""
     config = tmp_path / "unet.json"
     config.write_text(json.dumps(TINY_UNET if model is None else model))
     options = {"model_config_name_or_path": config, "output_dir": tmp_path / "out", "resolution": 8,
@@ -52,6 +55,8 @@ def tiny_args(tmp_path: Path, model: dict | None = None, **options) -> list[str]
                "max_train_steps": 2, "device": "cpu", "use_ema": False, "score_images": 0, **options}
     argv = []
     for name, value in options.items():
+        if value is None:  # not passed: the preset's value, or the flag's default
+            continue
         if value is True or value is False:  # a bare flag, or its --no- form
             argv.append(f"--{name}" if value else f"--no-{name}")
         else:
@@ -687,6 +692,80 @@ def test_a_checkpoint_set_aside_twice_keeps_both_copies(tmp_path):
     assert (tmp_path / "abandoned-checkpoint-9" / "origin").read_text() == "abandoned-checkpoint-9"
     assert (tmp_path / "abandoned-checkpoint-9-1" / "origin").read_text() == "checkpoint-9"
     assert [path.name for path in list_checkpoints(tmp_path)] == ["checkpoint-2"]
+
+
+# -----------------------------------------------------------------------------
+# A time budget (--max_train_minutes)
+
+
+def test_the_quickstart_trains_for_a_time_budget_that_a_typed_step_count_replaces():
+    assert train.parse_args([]).max_train_minutes == train.PRESETS["quickstart"]["max_train_minutes"]
+    assert train.parse_args(["--max_train_steps", "5"]).max_train_minutes is None
+    assert train.parse_args(["--num_epochs", "2"]).max_train_minutes is None
+    both = train.parse_args(["--max_train_steps", "5", "--max_train_minutes", "2"])
+    assert (both.max_train_steps, both.max_train_minutes) == (5, 2.0)
+
+
+def test_a_time_budget_of_zero_minutes_is_a_one_line_error(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--max_train_minutes", "0"])
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("error: --max_train_minutes must be > 0, got 0.0")
+
+
+BUDGET_RUN = dict(max_train_steps=None, max_train_minutes=0.1, lr_warmup_steps=30, checkpointing_steps=40,
+                  learning_rate=1e-3, lr_scheduler="cosine")
+
+
+@pytest.fixture(scope="module")
+def budget_run(tmp_path_factory) -> tuple[Path, str]:
+    """6 seconds of training, the count fixed at step 30: (output folder, what the run printed)."""
+    tmp_path = tmp_path_factory.mktemp("budget")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        out = run(tmp_path, **BUDGET_RUN)
+    return out, printed.getvalue()
+
+
+def test_a_time_budget_fixes_the_step_count_at_the_end_of_the_warmup_and_the_lr_decays_to_0_there(budget_run):
+    out, printed = budget_run
+    assert "as many optimizer steps as fit in 0.1 min (counted at the end of the LR warmup)" in printed
+    fitted = re.search(r"(\d+) optimizer steps fit in the time budget of 0.1 min \(\S+ steps/s over steps 5-30,", printed)
+    assert fitted, printed
+    total = int(fitted[1])
+    assert total > 40  # a tiny UNet on the CPU: hundreds of steps in 6 s
+    assert list_checkpoints(out)[-1] == out / f"checkpoint-{total}"
+    state = checkpoint_at(out, total)["state"]
+    assert state["total_steps"] == total and state["steps_fitted_to_budget"]
+    events = EventAccumulator(str(out / "logs"))
+    events.Reload()
+    lrs = {event.step: event.value for event in events.Scalars("train/lr")}
+    assert lrs[30] == pytest.approx(1e-3) and lrs[total] == pytest.approx(0, abs=1e-12)
+
+
+def test_a_run_resumed_after_its_budget_fixed_the_count_ends_as_the_uninterrupted_run(budget_run, tmp_path):
+    uninterrupted, printed = budget_run
+    total = checkpoint_at(uninterrupted, 40)["state"]["total_steps"]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(uninterrupted / "checkpoint-40", resumed / "checkpoint-40")
+    # another budget: the checkpoint's count holds
+    run(tmp_path, output_dir=resumed, resume_from_checkpoint="latest", **{**BUDGET_RUN, "max_train_minutes": 10})
+    assert list_checkpoints(resumed)[-1] == resumed / f"checkpoint-{total}"
+    a, b = checkpoint_at(uninterrupted, total), checkpoint_at(resumed, total)
+    assert_same_tensors(a["model"], b["model"])
+    assert_same_optimizer_state(a["optimizer"], b["optimizer"])
+    ignored = {"args": None, "train_seconds": None}
+    assert {**a["state"], **ignored} == {**b["state"], **ignored}
+
+
+def test_a_budget_spent_during_the_warmup_ends_the_run_there_with_a_checkpoint(tmp_path, capsys):
+    out = run(tmp_path, max_train_steps=None, max_train_minutes=0.02, lr_warmup_steps=100_000, logging_steps=5)
+    printed = capsys.readouterr().out
+    ended = re.search(r"the time budget of 0.02 min was used up at step (\d+), during the LR warmup: training ends "
+                      r"here", printed)
+    assert ended, printed
+    step = int(ended[1])
+    assert step % 5 == 0 and list_checkpoints(out) == [out / f"checkpoint-{step}"]
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
 # -----------------------------------------------------------------------------
