@@ -5,8 +5,8 @@ preset (its wider UNet, 16-32-64 channels, batch 32) at both batches. Each varia
 round after 3 untimed steps, the rounds interleave the variants (a shared machine's speed drifts), and the median
 round is printed, with its ratio to the preset in images per second (what counts for a run of fixed length).
 
-The quickstart preset's step count was sized to fit 10 minutes on this project's 2-core CPU; a shared machine's
-speed varies from hour to hour (docs/quickstart.md), so measure it beside any timing you quote.
+The quickstart preset trains for a time budget (9.5 minutes), so its step count follows this speed; a shared
+machine's speed varies from hour to hour (docs/quickstart.md), so measure it beside any timing you quote.
 
 $ python benchmarks/quickstart_speed.py                 # ~2 min
 $ python benchmarks/quickstart_speed.py --threads 2
