@@ -433,11 +433,7 @@ def main(argv=None) -> None:
     precision = {"no": "fp32", "fp16": "fp16 autocast", "bf16": "bf16 autocast"}[args.mixed_precision]
     if args.mixed_precision_auto:
         precision += " (--mixed_precision auto: bf16 on a GPU that has it, else fp32)"
-    planned = f"{total_steps} optimizer steps"
-    if budget is not None and not budget.fitted:
-        planned = (f"as many optimizer steps as fit in {args.max_train_minutes:g} min"
-                   + (f", at most {args.max_train_steps}" if args.max_train_steps else "")
-                   + " (counted at the end of the LR warmup)")
+    planned = budget.plan(args.max_train_steps) if budget and not budget.fitted else f"{total_steps} optimizer steps"
     log_main(ctx, f"{source.description}{in_memory}{skipped}; "
                   f"{sum(p.numel() for p in unet.parameters()):,} UNet parameters; "
                   f"global batch {args.train_batch_size} x {ctx.world_size} processes x "
@@ -565,17 +561,13 @@ def main(argv=None) -> None:
         window_steps += 1
         progress.update(1)
 
-        if budget is not None and not budget.fitted:
-            budget.after_step(step)
-            # decided by rank 0's clock (checked at logging steps), so that every rank stops at the same step
-            checked = step >= budget.fit_step or step % args.logging_steps == 0
-            if checked and distributed.from_main(ctx, budget.due(step)):
-                fitted_steps, how = budget.steps_that_fit(step, args.max_train_steps)
-                total_steps = int(distributed.from_main(ctx, fitted_steps))
-                lr_scheduler = make_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, total_steps, step)
-                progress.total = total_steps
-                progress.refresh()
-                log_main(ctx, how)
+        fit = budget.fit_when_due(ctx, step, args.logging_steps, args.max_train_steps) if budget else None
+        if fit is not None:  # the time budget fixes the run's length now: the LR schedule ends there
+            total_steps, how = fit
+            lr_scheduler = make_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, total_steps, step)
+            progress.total = total_steps
+            progress.refresh()
+            log_main(ctx, how)
 
         stop = distributed.any_rank(ctx, bool(stop_requested))
         last = step == total_steps or stop

@@ -9,6 +9,8 @@ step with the same weights. What the budget cannot foresee is the machine slowin
 import math
 import time
 
+from . import distributed
+
 # the clock of the budget (tests replace it)
 clock = time.perf_counter
 
@@ -34,6 +36,12 @@ class TimeBudget:
         self.fit_step = max(self.warmup_steps, step + SETTLING_STEPS + MIN_RATE_STEPS)
         self.rate_from = None  # (step, time) where the measured window begins
         self.rate_from_step = step + SETTLING_STEPS
+
+    def plan(self, cap: int | None) -> str:
+        """The run's length as the start line says it, before the fit."""
+        at_most = f", at most {cap}" if cap else ""
+        return (f"as many optimizer steps as fit in {self.seconds / 60:g} min{at_most} (counted at the end of the LR "
+                "warmup)")
 
     def used_seconds(self) -> float:
         return clock() - self.start_time
@@ -63,3 +71,18 @@ class TimeBudget:
         if cap is not None and cap < total:
             total, how = cap, f"{how}; --max_train_steps caps them at {cap}"
         return total, how
+
+    def fit_when_due(self, ctx: distributed.Context, step: int, check_every: int,
+                     cap: int | None) -> tuple[int, str] | None:
+        """Called after each step: the run's total steps and how they were found at the step they are fixed, else None.
+
+        Rank 0's clock decides (asked every check_every steps and from the fit step on), so that every rank stops
+        at the same step.
+        """
+        if self.fitted:
+            return None
+        self.after_step(step)
+        if not (step >= self.fit_step or step % check_every == 0) or not distributed.from_main(ctx, self.due(step)):
+            return None
+        total, how = self.steps_that_fit(step, cap)
+        return int(distributed.from_main(ctx, total)), how
