@@ -30,6 +30,8 @@ import ddpm.checkpoint
 from ddpm import DDPMScheduler, UNet2DModel, generate, load_pipeline
 from ddpm.checkpoint import list_checkpoints, load_checkpoint
 from ddpm.loss import diffusion_loss, training_target
+from ddpm.presets import PRESETS
+from ddpm.train_args import build_parser
 from oracle import perturb_, single_thread  # noqa: F401  (autouse fixture)
 from test_idx import random_images, write_idx
 from train_script import TRAIN_PY, own_signal_handlers, train
@@ -628,7 +630,7 @@ def test_resuming_from_an_earlier_checkpoint_sets_the_newer_ones_aside(tmp_path,
 
 
 def test_every_preset_parses_with_a_mixed_precision_setting(tmp_path):
-    for preset in train.PRESETS:
+    for preset in PRESETS:
         args = train.parse_args(["--preset", preset, "--output_dir", str(tmp_path)])
         assert args.mixed_precision in ("no", "fp16", "bf16")
 
@@ -699,7 +701,7 @@ def test_a_checkpoint_set_aside_twice_keeps_both_copies(tmp_path):
 
 
 def test_the_quickstart_trains_for_a_time_budget_that_a_typed_step_count_replaces():
-    assert train.parse_args([]).max_train_minutes == train.PRESETS["quickstart"]["max_train_minutes"]
+    assert train.parse_args([]).max_train_minutes == PRESETS["quickstart"]["max_train_minutes"]
     assert train.parse_args(["--max_train_steps", "5"]).max_train_minutes is None
     assert train.parse_args(["--num_epochs", "2"]).max_train_minutes is None
     both = train.parse_args(["--max_train_steps", "5", "--max_train_minutes", "2"])
@@ -817,7 +819,7 @@ def test_the_cifar10_preset_trains_in_bf16_on_a_gpu_that_has_it_and_in_fp32_othe
 
 def test_the_device_dependent_precision_is_stated_in_help_and_in_the_start_summary(tmp_path, capsys):
     assert "auto (the cifar10-32 preset's): bf16 on a GPU that has it, else no (fp32)" in \
-        " ".join(train.build_parser().format_help().split())
+        " ".join(build_parser().format_help().split())
     run(tmp_path, mixed_precision="auto", max_train_steps=1)
     assert "on cpu, fp32 (--mixed_precision auto: bf16 on a GPU that has it, else fp32)" in capsys.readouterr().out
 
