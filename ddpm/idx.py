@@ -4,9 +4,11 @@ An IDX file is a 4-byte magic (0, 0, data type, number of dimensions), one big-e
 dimension, then the values in row-major order. Image files are type 0x08 (unsigned byte) with 3
 dimensions (images, rows, columns), named `train-images-idx3-ubyte` (the training split) and
 `t10k-images-idx3-ubyte` (the test split), often gzipped (`.gz`). http://yann.lecun.com/exdb/mnist/
+Some copies (Kaggle's MNIST) name them with a dot, `train-images.idx3-ubyte`: both names are read.
 """
 
 import gzip
+import re
 import zlib
 from pathlib import Path
 
@@ -18,18 +20,21 @@ from ddpm.data import DataError, ImageSource
 UNSIGNED_BYTE = 0x08
 SPLIT_PREFIXES = {"train": "train", "test": "t10k"}  # the file-name prefix of each split
 IMAGES_SUFFIX = "-images-idx3-ubyte"
+IMAGES_FILE = re.compile(r"(?P<prefix>.+)-images[-.]idx3-ubyte(\.gz)?")  # the dot: Kaggle's copies of MNIST
 
 
 def idx_image_files(folder: str | Path) -> list[Path]:
-    """The IDX image files directly in `folder` (`*-images-idx3-ubyte`, gzipped or not), sorted."""
-    return sorted(p for p in Path(folder).glob(f"*{IMAGES_SUFFIX}*")
-                  if p.name.endswith((IMAGES_SUFFIX, IMAGES_SUFFIX + ".gz")) and p.is_file())
+    """The IDX image files directly in `folder` (`*-images-idx3-ubyte` or `*-images.idx3-ubyte`, gzipped or
+    not), sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if IMAGES_FILE.fullmatch(p.name) and p.is_file())
 
 
 def split_files(folder: str | Path, split: str) -> list[Path]:
     """The IDX image files of `split` (train or test) in `folder`: raw, gzipped, or both."""
-    name = SPLIT_PREFIXES[split] + IMAGES_SUFFIX
-    return [p for p in idx_image_files(folder) if p.name in (name, name + ".gz")]
+    return [p for p in idx_image_files(folder) if IMAGES_FILE.fullmatch(p.name)["prefix"] == SPLIT_PREFIXES[split]]
 
 
 def has_split(folder: str | Path, split: str) -> bool:
@@ -79,7 +84,9 @@ class IdxSource(ImageSource):
         candidates = split_files(folder, split)
         if not candidates:
             found = ", ".join(p.name for p in idx_image_files(folder)) or "none"
-            raise DataError(f"no {name} (or {name}.gz) for the {split} split in {folder!r}; IDX files there: {found}")
+            dotted = name.replace("-idx3", ".idx3")
+            raise DataError(f"no {name} (nor {dotted}, gzipped or not) for the {split} split in {folder!r}; "
+                            f"IDX files there: {found}")
         self.path = min(candidates, key=lambda p: p.suffix == ".gz")
         self.images = read_idx_images(self.path)
         if len(self.images) == 0:

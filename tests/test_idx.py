@@ -12,7 +12,7 @@ from PIL import Image
 
 from ddpm import presets
 from ddpm.data import DataError, TrainingImages, load_images
-from ddpm.idx import read_idx_images
+from ddpm.idx import has_split, read_idx_images
 from oracle import single_thread  # noqa: F401  (autouse fixture)
 from train_script import train
 
@@ -70,6 +70,17 @@ def test_a_folder_with_both_a_gzipped_and_a_raw_copy_reads_one_of_them(tmp_path)
     write_idx(tmp_path / "train-images-idx3-ubyte", images, gz=False)
     write_idx(tmp_path / "train-images-idx3-ubyte.gz", images, gz=True)
     np.testing.assert_array_equal(pixels(load_images(None, None, str(tmp_path), None, 8, 0)), images)
+
+
+def test_kaggle_style_dotted_names_are_read_for_both_splits(tmp_path):
+    train_images, test_images = random_images(3), random_images(2)
+    write_idx(tmp_path / "train-images.idx3-ubyte", train_images, gz=False)
+    write_idx(tmp_path / "t10k-images.idx3-ubyte", test_images, gz=False)
+    write_idx(tmp_path / "train-labels.idx1-ubyte", random_images(3), gz=False)  # not an images file: ignored
+    assert has_split(tmp_path, "test")
+    np.testing.assert_array_equal(pixels(load_images(None, None, str(tmp_path), None, 8, 0)), train_images)
+    np.testing.assert_array_equal(pixels(load_images(None, None, str(tmp_path), None, 8, 0, split="test")),
+                                  test_images)
 
 
 @pytest.mark.parametrize("cache_bytes", [0, 2**20], ids=["streamed", "cached"])
