@@ -526,7 +526,8 @@ def test_bad_input_ends_the_run_with_a_one_line_error_naming_the_value(case, tmp
     assert code not in (0, None)
     # argparse prints usage and the error and exits 2; fail() exits with the message, which Python prints
     stderr = capsys.readouterr().err + (code if isinstance(code, str) else "")
-    last_line = stderr.strip().splitlines()[-1]
+    # what a terminal shows last: after a progress bar's clearing (carriage return, cursor up) on the same line
+    last_line = re.split(r"\r|\x1b\[A", stderr.strip().splitlines()[-1])[-1]
     assert last_line.startswith("train.py: error: ")
     assert value in last_line
     assert not (tmp_path / "out" / "checkpoint-2").exists()
