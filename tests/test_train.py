@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import ddpm.checkpoint
+import ddpm.time_budget
 from ddpm import DDPMScheduler, UNet2DModel, generate, load_pipeline
 from ddpm.checkpoint import list_checkpoints, load_checkpoint
 from ddpm.loss import diffusion_loss, training_target
@@ -721,10 +722,20 @@ BUDGET_RUN = dict(max_train_steps=None, max_train_minutes=0.1, lr_warmup_steps=3
 
 @pytest.fixture(scope="module")
 def budget_run(tmp_path_factory) -> tuple[Path, str]:
-    """6 seconds of training, the count fixed at step 30: (output folder, what the run printed)."""
+    """6 seconds of training on a clock that counts 0.02 s a step, so that a loaded machine fits the same count
+    (300) at step 30: (output folder, what the run printed)."""
     tmp_path = tmp_path_factory.mktemp("budget")
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
+    steps = [0]
+    after_step = ddpm.time_budget.TimeBudget.after_step
+
+    def counting_after_step(self, step):
+        steps[0] = step
+        after_step(self, step)
+
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
+        patch.setattr(ddpm.time_budget.TimeBudget, "after_step", counting_after_step)
+        patch.setattr(ddpm.time_budget, "clock", lambda: 0.02 * steps[0])
         out = run(tmp_path, **BUDGET_RUN)
     return out, printed.getvalue()
 
@@ -735,7 +746,7 @@ def test_a_time_budget_fixes_the_step_count_at_the_end_of_the_warmup_and_the_lr_
     fitted = re.search(r"(\d+) optimizer steps fit in the time budget of 0.1 min \(\S+ steps/s over steps 5-30,", printed)
     assert fitted, printed
     total = int(fitted[1])
-    assert total > 40  # a tiny UNet on the CPU: hundreds of steps in 6 s
+    assert total == 300  # 50 steps/s on the counting clock, 5.4 s left at step 30
     assert list_checkpoints(out)[-1] == out / f"checkpoint-{total}"
     state = checkpoint_at(out, total)["state"]
     assert state["total_steps"] == total and state["steps_fitted_to_budget"]
