@@ -77,9 +77,10 @@ DATA_HELP = {
 PRESETS: dict[str, dict[str, Any]] = {
     "quickstart": {
         # chosen by the measured search of docs/quickstart.md (issue 13): x0-prediction with min-SNR-10 weighting
-        # and the cosine schedule, batch 64 at a high learning rate, AdamW's beta2 0.99, no EMA (over so short a run, whose
-        # learning rate anneals to 0, the EMA's average of earlier weights drew worse samples than the last
-        # weights); DDPM sampling over 100 strided steps for the grids and the final shapes score of 256 samples.
+        # and the cosine schedule, batch 64 at a high learning rate, AdamW's beta2 0.99, no EMA (over so short a
+        # run, whose learning rate anneals to 0, the EMA's average of earlier weights drew worse samples than the
+        # last weights); DDPM sampling over 100 strided steps for the grids and the final shapes score of 256
+        # samples.
         "model": QUICKSTART_UNET,
         "resolution": 16,
         "train_batch_size": 64,  # on two threads, 1.1x to 1.2x the images a second of batch 32 (docs/quickstart.md)
