@@ -41,7 +41,7 @@ from ddpm.device_data import DeviceDataUnavailable, DeviceImages
 from ddpm.ema import EMA
 from ddpm.loss import diffusion_loss
 from ddpm.loggers import LoggerError, make_logger
-from ddpm.lr_schedule import make_lr_scheduler
+from ddpm.lr_schedule import decay_progress, make_lr_scheduler
 from ddpm.model_card import write_model_card
 from ddpm.presets import check_preset_data
 from ddpm.run_evaluation import RunEvaluation
@@ -122,7 +122,7 @@ def main(argv=None) -> None:
     steps_per_epoch = batches_per_epoch / args.gradient_accumulation_steps
     budget = TimeBudget(args.max_train_minutes, args.lr_warmup_steps) if args.max_train_minutes else None
     if budget is not None:
-        total_steps = args.max_train_steps or NOT_YET_FITTED  # fixed by the budget at the end of the warmup
+        total_steps = args.max_train_steps or NOT_YET_FITTED  # fitted by the budget from the end of the warmup
     else:
         total_steps = args.max_train_steps or math.ceil(args.num_epochs * steps_per_epoch)
 
@@ -162,6 +162,7 @@ def main(argv=None) -> None:
 
     step, epoch, epoch_batches, skipped_steps, skipped_in_a_row = 0, 0, 0, 0, 0
     budget_seconds_used = 0.0
+    lr_anchor = None  # where the LR decay stood when the budget last fitted the count (lr_schedule.decay_progress)
     resume_path = None
     if args.resume_from_checkpoint == "latest":
         found = list_checkpoints(output_dir)
@@ -183,10 +184,11 @@ def main(argv=None) -> None:
                     fail(f"checkpoint {str(resume_path)!r} was written with {name} {state[name]}, this run has "
                          f"{now}; resume with the same seed, data and batch size")
             if budget is not None and state.get("steps_fitted_to_budget"):
-                # the resumed run's time budget fixed its length: the same end, the same LR schedule
-                total_steps, budget.fitted = state["total_steps"], True
-                lr_scheduler = make_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, total_steps)
-            elif budget is not None:
+                # the resumed run's time budget fitted its length: the same end and LR schedule, until fitted again
+                total_steps, budget.fitted, lr_anchor = state["total_steps"], True, state.get("lr_anchor")
+                lr_scheduler = make_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, total_steps,
+                                                 anchor=lr_anchor)
+            if budget is not None:
                 budget_seconds_used = state.get("train_seconds") or 0.0
             unet.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
@@ -292,7 +294,7 @@ def main(argv=None) -> None:
                      "seed": args.seed, "train_batch_size": args.train_batch_size, "dataset_size": len(dataset),
                      "noise_seeds": [rank_seed("noise", args.seed, r) for r in range(ctx.world_size)],
                      "total_steps": total_steps, "steps_fitted_to_budget": budget is not None and budget.fitted,
-                     "train_seconds": budget.used_seconds() if budget is not None and not budget.fitted else None,
+                     "train_seconds": budget.used_seconds() if budget is not None else None, "lr_anchor": lr_anchor,
                      "args": run_config}
             path = save_checkpoint(output_dir, step, unet.state_dict(), ema.state_dict() if ema else None,
                                    optimizer.state_dict(), rng_states, state, args.checkpoints_total_limit)
@@ -321,8 +323,8 @@ def main(argv=None) -> None:
     model.train()
     progress = tqdm(total=None if total_steps == NOT_YET_FITTED else total_steps, initial=step, desc="training",
                     disable=not ctx.is_main, dynamic_ncols=True)
-    if budget is not None and not budget.fitted:
-        budget.start(step, budget_seconds_used)
+    if budget is not None:
+        budget.start(step, budget_seconds_used, total_steps if budget.fitted else None)
     loss_sum = torch.zeros((), device=device)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     window_start, window_images, window_steps = time.perf_counter(), 0, 0
@@ -368,12 +370,16 @@ def main(argv=None) -> None:
         progress.update(1)
 
         fit = budget.fit_when_due(ctx, step, args.logging_steps, args.max_train_steps) if budget else None
-        if fit is not None:  # the time budget fixes the run's length now: the LR schedule ends there
-            total_steps, how = fit
-            lr_scheduler = make_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, total_steps, step)
+        if fit is not None and fit[0] != total_steps:  # the time budget fits the run's length: the LR decay ends there
+            if total_steps != NOT_YET_FITTED:  # fitted again: the decay goes on from where it stands
+                lr_anchor = (step, decay_progress(step, args.lr_warmup_steps, total_steps, lr_anchor))
+            total_steps = fit[0]
+            lr_scheduler = make_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, total_steps, step,
+                                             lr_anchor)
             progress.total = total_steps
             progress.refresh()
-            log_main(ctx, how)
+        if fit is not None and fit[1]:
+            log_main(ctx, fit[1])
 
         stop = distributed.any_rank(ctx, bool(stop_requested))
         last = step == total_steps or stop

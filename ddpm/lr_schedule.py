@@ -12,8 +12,20 @@ import torch
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 
 
-def lr_lambda(name: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """The lr factor as a function of the optimizer step for schedule `name`."""
+def decay_progress(step: int, warmup_steps: int, total_steps: int, anchor: tuple[int, float] | None = None) -> float:
+    """How far the decay after the warmup has gone at `step`: 0 at the end of the warmup, 1 at total_steps.
+
+    Linear in the step from `anchor` = (step, progress) on, (warmup_steps, 0) unless given: when
+    --max_train_minutes fits total_steps again mid-run, the anchor is where the decay stood then, so the
+    learning rate goes on from there without a jump and still reaches its end at the new total_steps.
+    """
+    anchor_step, anchor_progress = anchor or (warmup_steps, 0.0)
+    return anchor_progress + (1 - anchor_progress) * (step - anchor_step) / max(1, total_steps - anchor_step)
+
+
+def lr_lambda(name: str, warmup_steps: int, total_steps: int,
+              anchor: tuple[int, float] | None = None) -> Callable[[int], float]:
+    """The lr factor as a function of the optimizer step for schedule `name` (`anchor`: decay_progress)."""
     if name not in LR_SCHEDULES:
         raise ValueError(f"unknown lr schedule {name!r}; choose one of {', '.join(LR_SCHEDULES)}")
 
@@ -33,14 +45,14 @@ def lr_lambda(name: str, warmup_steps: int, total_steps: int) -> Callable[[int],
         if step < warmup_steps:
             return warmup(step)
         # straight line from 1 down to 0 at total_steps, then stays at 0
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+        return max(0.0, 1.0 - decay_progress(step, warmup_steps, total_steps, anchor))
 
     def cosine(step: int) -> float:
         if step < warmup_steps:
             return warmup(step)
         # half a cosine period, 0.5 (1 + cos(pi progress)), from 1 at the end of warmup
         # to 0 at total_steps; like diffusers' it rises again past total_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        progress = decay_progress(step, warmup_steps, total_steps, anchor)
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return {
@@ -52,12 +64,14 @@ def lr_lambda(name: str, warmup_steps: int, total_steps: int) -> Callable[[int],
 
 
 def make_lr_scheduler(
-    optimizer: torch.optim.Optimizer, name: str, warmup_steps: int, total_steps: int, step: int = 0
+    optimizer: torch.optim.Optimizer, name: str, warmup_steps: int, total_steps: int, step: int = 0,
+    anchor: tuple[int, float] | None = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR following schedule `name`; call its .step() once per optimizer step.
 
     With `step`, it takes over from an earlier scheduler of the same optimizer after that many steps (when
-    --max_train_minutes has fixed total_steps) and sets the optimizer's lr for that step.
+    --max_train_minutes has fitted total_steps, and `anchor` where the decay stood) and sets the optimizer's lr
+    for that step.
     """
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(name, warmup_steps, total_steps),
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(name, warmup_steps, total_steps, anchor),
                                              last_epoch=step - 1)

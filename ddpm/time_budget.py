@@ -1,9 +1,11 @@
-"""--max_train_minutes: as many optimizer steps as fit in a time budget, decided once.
+"""--max_train_minutes: as many optimizer steps as fit in a time budget.
 
 The step rate is measured while the learning rate warms up; at the end of the warmup the number of steps that
-fit in the rest of the budget is fixed, the LR schedule is fitted to it, and checkpoints record it. From there
-on the run is as deterministic as one given --max_train_steps: resumed from a checkpoint, it ends at the same
-step with the same weights. What the budget cannot foresee is the machine slowing down after the fit.
+fit in the rest of the budget is fixed, and the LR schedule's decay is fitted to end there. A shared machine's
+speed moves within minutes, so the count is fitted again every twentieth of the budget, from the rate since
+the last fit; the decay goes on from where it stood (lr_schedule.decay_progress), without a jump. Checkpoints
+record the count, where the decay stood, and the seconds used: a run resumed from one goes on with the rest of
+the budget, and on a machine as fast as before it ends at the same step with the same weights.
 """
 
 import math
@@ -20,6 +22,10 @@ SETTLING_STEPS = 5
 MIN_RATE_STEPS = 20
 # the LR schedule's total until the fit: far away, so that a cosine or linear decay stays at its start
 NOT_YET_FITTED = 2**62
+# after the first fit, the count is fitted again each time this share of the budget has passed
+REFIT_SHARE = 1 / 20
+# a fit again that would move the count by less than this share of it keeps the count (and the LR schedule)
+KEPT_CHANGE = 0.01
 
 
 class TimeBudget:
@@ -30,18 +36,20 @@ class TimeBudget:
         self.warmup_steps = warmup_steps
         self.fitted = False
 
-    def start(self, step: int, used_seconds: float = 0.0) -> None:
-        """At the first step of this process, `used_seconds` spent by the runs it resumes."""
+    def start(self, step: int, used_seconds: float = 0.0, fitted_total: int | None = None) -> None:
+        """At the first step of this process, `used_seconds` spent by the runs it resumes, and the count they
+        fitted, if they did."""
         self.start_time = clock() - used_seconds
         self.fit_step = max(self.warmup_steps, step + SETTLING_STEPS + MIN_RATE_STEPS)
         self.rate_from = None  # (step, time) where the measured window begins
         self.rate_from_step = step + SETTLING_STEPS
+        self.fitted_total = fitted_total  # the latest fit's count
 
     def plan(self, cap: int | None) -> str:
         """The run's length as the start line says it, before the fit."""
         at_most = f", at most {cap}" if cap else ""
         return (f"as many optimizer steps as fit in {self.seconds / 60:g} min{at_most} (counted at the end of the LR "
-                "warmup)")
+                "warmup, and again as the run goes)")
 
     def used_seconds(self) -> float:
         return clock() - self.start_time
@@ -51,38 +59,54 @@ class TimeBudget:
             self.rate_from = (step, clock())
 
     def due(self, step: int) -> bool:
-        """True when the step count should be fixed now: the warmup is over, or the budget is spent."""
-        return step >= self.fit_step or self.used_seconds() >= self.seconds
+        """True when the step count should be fitted now: before the first fit, when the warmup is over or the
+        budget is spent; after it, when a twentieth of the budget has passed since the last fit (or the
+        budget is spent)."""
+        if not self.fitted:
+            return step >= self.fit_step or self.used_seconds() >= self.seconds
+        if self.rate_from is None or step - self.rate_from[0] < MIN_RATE_STEPS:
+            return self.used_seconds() >= self.seconds
+        return clock() - self.rate_from[1] >= REFIT_SHARE * self.seconds or self.used_seconds() >= self.seconds
 
     def steps_that_fit(self, step: int, cap: int | None) -> tuple[int, str]:
-        """The run's total steps (at most `cap`), from the rate since the window began; and how it was found."""
+        """The run's total steps (at most `cap`), from the rate since the window began, and how it was found (empty
+        where a fit again keeps the count). The next window begins here."""
+        first = not self.fitted
         self.fitted = True
         now = clock()
         left = self.seconds - (now - self.start_time)
         if left <= 0 or self.rate_from is None or step <= self.rate_from[0]:  # (the last two only off rank 0)
-            return step, (f"the time budget of {self.seconds / 60:g} min was used up at step {step}, during the LR "
-                          "warmup: training ends here (a longer --max_train_minutes or a shorter --lr_warmup_steps "
-                          "trains on)")
+            during = ", during the LR warmup" if first else ""
+            advice = " (a longer --max_train_minutes or a shorter --lr_warmup_steps trains on)" if first else ""
+            return step, (f"the time budget of {self.seconds / 60:g} min was used up at step {step}{during}: "
+                          f"training ends here{advice}")
         from_step, from_time = self.rate_from
         rate = (step - from_step) / (now - from_time)
+        self.rate_from = (step, now)
         total = step + math.floor(rate * left)
-        how = (f"{total} optimizer steps fit in the time budget of {self.seconds / 60:g} min "
-               f"({rate:.2f} steps/s over steps {from_step}-{step}, {left:.0f} s left)")
         if cap is not None and cap < total:
-            total, how = cap, f"{how}; --max_train_steps caps them at {cap}"
+            total = cap
+        if self.fitted_total is not None and abs(total - self.fitted_total) < KEPT_CHANGE * self.fitted_total:
+            return self.fitted_total, ""  # a fit again that would move the count by under 1% keeps it
+        self.fitted_total = total
+        fit = "fit" if first else f"fit now (step {step})"
+        how = (f"{total} optimizer steps {fit} in the time budget of {self.seconds / 60:g} min "
+               f"({rate:.2f} steps/s over steps {from_step}-{step}, {left:.0f} s left)")
+        if cap is not None and total == cap:
+            how = f"{how}; --max_train_steps caps them at {cap}"
         return total, how
 
     def fit_when_due(self, ctx: distributed.Context, step: int, check_every: int,
                      cap: int | None) -> tuple[int, str] | None:
-        """Called after each step: the run's total steps and how they were found at the step they are fixed, else None.
+        """Called after each step: the run's total steps and how they were found at each step they are fitted,
+        else None.
 
-        Rank 0's clock decides (asked every check_every steps and from the fit step on), so that every rank stops
-        at the same step.
+        Rank 0's clock decides (asked every check_every steps, and from the first fit's step on until it), so that
+        every rank stops at the same step.
         """
-        if self.fitted:
-            return None
         self.after_step(step)
-        if not (step >= self.fit_step or step % check_every == 0) or not distributed.from_main(ctx, self.due(step)):
+        asked = step % check_every == 0 or (not self.fitted and step >= self.fit_step)
+        if not asked or not distributed.from_main(ctx, self.due(step)):
             return None
         total, how = self.steps_that_fit(step, cap)
         return int(distributed.from_main(ctx, total)), how

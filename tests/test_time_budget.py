@@ -87,3 +87,50 @@ def test_a_budget_spent_during_a_long_warmup_ends_the_run_at_the_time_left_zero(
     step = train_until_due(budget, clock, 0, lambda k: 0.5)
     assert step == 120
     assert budget.steps_that_fit(step, cap=None)[0] == 120
+
+
+def test_the_count_is_fitted_again_each_twentieth_of_the_budget_from_the_rate_since_the_last_fit(clock):
+    budget = TimeBudget(minutes=1, warmup_steps=40)
+    budget.start(step=0)
+    step = train_until_due(budget, clock, 0, lambda k: 0.125)
+    first, _ = budget.steps_that_fit(step, cap=None)
+    assert first == 40 + 440  # 8 steps/s, 55 s left
+    # the machine slows to 4 steps/s: due again once 3 s (a twentieth of 60 s) and 20 steps have passed
+    step = train_until_due(budget, clock, step, lambda k: 0.25)
+    assert step == 60 and clock.now == 10.0
+    total, how = budget.steps_that_fit(step, cap=None)
+    assert total == 60 + 200  # 4 steps/s, 50 s left
+    assert how == ("260 optimizer steps fit now (step 60) in the time budget of 1 min (4.00 steps/s over steps 40-60, "
+                   "50 s left)")
+
+
+def test_a_fit_again_that_moves_the_count_by_under_one_percent_keeps_it_and_says_nothing(clock):
+    budget = TimeBudget(minutes=1, warmup_steps=40)
+    budget.start(step=0)
+    step = train_until_due(budget, clock, 0, lambda k: 0.125)
+    first, _ = budget.steps_that_fit(step, cap=None)
+    step = train_until_due(budget, clock, step, lambda k: 0.1255)  # 0.4% slower: 478 steps instead of 480
+    assert budget.steps_that_fit(step, cap=None) == (first, "")
+
+
+def test_a_budget_spent_after_the_first_fit_ends_the_run_at_the_next_fit(clock):
+    budget = TimeBudget(minutes=1, warmup_steps=40)
+    budget.start(step=0)
+    step = train_until_due(budget, clock, 0, lambda k: 0.1)
+    budget.steps_that_fit(step, cap=None)
+    step = train_until_due(budget, clock, step, lambda k: 10.0)  # ten times slower: the budget runs out
+    assert clock.now >= 60
+    assert budget.steps_that_fit(step, cap=None) == (step, f"the time budget of 1 min was used up at step {step}: "
+                                                             "training ends here")
+
+
+def test_a_resumed_run_keeps_its_checkpoints_count_until_its_own_rate_moves_it(clock):
+    budget = TimeBudget(minutes=1, warmup_steps=40)
+    budget.start(step=300, used_seconds=30.0, fitted_total=540)
+    budget.fitted = True
+    # 8 steps/s as the checkpoint's run had: 300 + 8 x 30 s = 540, the same count
+    step = train_until_due(budget, clock, 300, lambda k: 0.125)
+    assert budget.steps_that_fit(step, cap=None) == (540, "")
+    # then twice as slow: fitted again
+    step = train_until_due(budget, clock, step, lambda k: 0.25)
+    assert budget.steps_that_fit(step, cap=None)[0] < 500

@@ -720,33 +720,41 @@ BUDGET_RUN = dict(max_train_steps=None, max_train_minutes=0.1, lr_warmup_steps=3
                   learning_rate=1e-3, lr_scheduler="cosine")
 
 
-@pytest.fixture(scope="module")
-def budget_run(tmp_path_factory) -> tuple[Path, str]:
-    """6 seconds of training on a clock that counts 0.02 s a step, so that a loaded machine fits the same count
-    (300) at step 30: (output folder, what the run printed)."""
-    tmp_path = tmp_path_factory.mktemp("budget")
-    printed = io.StringIO()
-    steps = [0]
+@contextlib.contextmanager
+def counting_clock(seconds_per_step=lambda step: 1 / 64):
+    """The budget's clock counts seconds_per_step(k) for each step k done, so that a loaded machine fits the same
+    counts as an idle one (binary fractions of a second: the rates and counts come out exact)."""
+    done = []  # the steps this process has done (a resumed run's clock counts from its first)
     after_step = ddpm.time_budget.TimeBudget.after_step
 
     def counting_after_step(self, step):
-        steps[0] = step
+        done.append(step)
         after_step(self, step)
 
-    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
+    with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ddpm.time_budget.TimeBudget, "after_step", counting_after_step)
-        patch.setattr(ddpm.time_budget, "clock", lambda: 0.02 * steps[0])
+        patch.setattr(ddpm.time_budget, "clock", lambda: sum(map(seconds_per_step, done)))
+        yield
+
+
+@pytest.fixture(scope="module")
+def budget_run(tmp_path_factory) -> tuple[Path, str]:
+    """6 seconds of training at 1/64 s a step on the counting clock, the count fitted at step 30 (384):
+    (output folder, what the run printed)."""
+    tmp_path = tmp_path_factory.mktemp("budget")
+    printed = io.StringIO()
+    with counting_clock(), contextlib.redirect_stdout(printed):
         out = run(tmp_path, **BUDGET_RUN)
     return out, printed.getvalue()
 
 
 def test_a_time_budget_fixes_the_step_count_at_the_end_of_the_warmup_and_the_lr_decays_to_0_there(budget_run):
     out, printed = budget_run
-    assert "as many optimizer steps as fit in 0.1 min (counted at the end of the LR warmup)" in printed
+    assert "as many optimizer steps as fit in 0.1 min (counted at the end of the LR warmup, and again as the run goes)" in printed
     fitted = re.search(r"(\d+) optimizer steps fit in the time budget of 0.1 min \(\S+ steps/s over steps 5-30,", printed)
     assert fitted, printed
     total = int(fitted[1])
-    assert total == 300  # 50 steps/s on the counting clock, 5.4 s left at step 30
+    assert total == 384  # 64 steps/s on the counting clock, 5.53 s left at step 30: 354 steps more
     assert list_checkpoints(out)[-1] == out / f"checkpoint-{total}"
     state = checkpoint_at(out, total)["state"]
     assert state["total_steps"] == total and state["steps_fitted_to_budget"]
@@ -761,14 +769,32 @@ def test_a_run_resumed_after_its_budget_fixed_the_count_ends_as_the_uninterrupte
     total = checkpoint_at(uninterrupted, 40)["state"]["total_steps"]
     resumed = tmp_path / "resumed"
     shutil.copytree(uninterrupted / "checkpoint-40", resumed / "checkpoint-40")
-    # another budget: the checkpoint's count holds
-    run(tmp_path, output_dir=resumed, resume_from_checkpoint="latest", **{**BUDGET_RUN, "max_train_minutes": 10})
+    with counting_clock():  # as fast as before: fitted again, the count holds
+        run(tmp_path, output_dir=resumed, resume_from_checkpoint="latest", **BUDGET_RUN)
     assert list_checkpoints(resumed)[-1] == resumed / f"checkpoint-{total}"
     a, b = checkpoint_at(uninterrupted, total), checkpoint_at(resumed, total)
     assert_same_tensors(a["model"], b["model"])
     assert_same_optimizer_state(a["optimizer"], b["optimizer"])
     ignored = {"args": None, "train_seconds": None}
     assert {**a["state"], **ignored} == {**b["state"], **ignored}
+
+
+def test_a_machine_slowing_after_the_fit_gets_the_count_fitted_again_and_the_lr_goes_on_without_a_jump(tmp_path,
+                                                                                                      capsys):
+    # 1/64 s a step, then from step 100 on 1/32: 1.56 s for the first 100 steps, the 4.44 s left hold 142 more
+    with counting_clock(lambda step: 1 / 64 if step <= 100 else 1 / 32):
+        out = run(tmp_path, **BUDGET_RUN)
+    printed = capsys.readouterr().out
+    assert re.search(r"384 optimizer steps fit in the time budget of 0.1 min", printed), printed
+    assert re.search(r"\d+ optimizer steps fit now \(step \d+\) in the time budget of 0.1 min \(32.00 steps/s", printed)
+    total = int(list_checkpoints(out)[-1].name.split("-")[1])
+    assert total == 242
+    events = EventAccumulator(str(out / "logs"))
+    events.Reload()
+    lrs = [event.value for event in events.Scalars("train/lr")]
+    assert lrs[-1] == pytest.approx(0, abs=1e-12)
+    # every 10 steps the cosine falls by at most pi/2 x 10/(the steps the decay has left) of the peak 1e-3 
+    assert max(a - b for a, b in zip(lrs[2:], lrs[3:])) < 1e-3 * 0.1
 
 
 def test_a_budget_spent_during_the_warmup_ends_the_run_there_with_a_checkpoint(tmp_path, capsys):
