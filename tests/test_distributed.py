@@ -239,16 +239,16 @@ def test_two_process_run_resumed_from_a_checkpoint_equals_the_uninterrupted_run_
 # What the ranks hold
 
 
-def test_two_processes_under_a_time_budget_end_together_at_the_count_rank_0_fixed(tiny_config, tmp_path):
+def test_two_processes_under_a_time_budget_end_together_at_the_count_rank_0_fitted(tiny_config, tmp_path):
     # each rank measures its own step rate; rank 0's count must be every rank's, or one would wait for the other
     output_dir = tmp_path / "out"
     result = torchrun(TRAIN_PY, *train_args(tiny_config, output_dir, "--max_train_minutes", "0.1",
                                             "--lr_warmup_steps", "30", "--checkpointing_steps", "100000",
                                             "--ddp_timeout", "60"))
     assert result.returncode == 0, tail(result.stdout)
-    fitted = re.findall(r"(\d+) optimizer steps fit in the time budget of 0.1 min", result.stdout)
-    assert len(fitted) == 1, tail(result.stdout)  # said once, by rank 0
-    total = int(fitted[0])
+    assert len(re.findall(r"optimizer steps fit in the time budget", result.stdout)) == 1  # said by rank 0 only
+    fitted = re.findall(r"(\d+) optimizer steps fit(?: now \(step \d+\))? in the time budget of 0.1 min", result.stdout)
+    total = int(fitted[-1])  # fitted again as the run goes, by rank 0's clock
     assert list_checkpoints(output_dir) == [output_dir / f"checkpoint-{total}"]
     for rank in (0, 1):
         assert load_checkpoint(output_dir / f"checkpoint-{total}", rank)["state"]["total_steps"] == total
