@@ -48,9 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="passes over the data, 100 unless a preset says (ignored with --max_train_steps or --max_train_minutes)")
     add("--max_train_steps", type=int, default=None, help="optimizer steps to train; overrides --num_epochs")
     add("--max_train_minutes", type=float, default=None,
-        help="train as many optimizer steps as fit in this many minutes (grids included), fixed from the step rate "
-             "at the end of the LR warmup and kept by checkpoints (at most --max_train_steps if given too); a "
-             "preset's budget is dropped when --max_train_steps or --num_epochs is given")
+        help="train as many optimizer steps as fit in this many minutes (grids included), counted from the step "
+             "rate at the end of the LR warmup and again every twentieth of the budget, and kept by checkpoints (at "
+             "most --max_train_steps if given too); a preset's budget is dropped when --max_train_steps or "
+             "--num_epochs is given")
     add("--save_images_epochs", type=int, default=None, help="write a sample grid every N epochs (and at the end)")
     add("--save_model_epochs", type=int, default=None, help="write the pipeline every N epochs (and at the end)")
     add("--gradient_accumulation_steps", type=int, default=1, help="micro-steps per optimizer step")
