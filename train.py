@@ -161,7 +161,6 @@ def main(argv=None) -> None:
     # Resume
 
     step, epoch, epoch_batches, skipped_steps, skipped_in_a_row = 0, 0, 0, 0, 0
-    budget_seconds_used = 0.0
     lr_anchor = None  # where the LR decay stood when the budget last fitted the count (lr_schedule.decay_progress)
     resume_path = None
     if args.resume_from_checkpoint == "latest":
@@ -183,13 +182,13 @@ def main(argv=None) -> None:
                 if state[name] != now:
                     fail(f"checkpoint {str(resume_path)!r} was written with {name} {state[name]}, this run has "
                          f"{now}; resume with the same seed, data and batch size")
-            if budget is not None and state.get("steps_fitted_to_budget"):
-                # the resumed run's time budget fitted its length: the same end and LR schedule, until fitted again
-                total_steps, budget.fitted, lr_anchor = state["total_steps"], True, state.get("lr_anchor")
-                lr_scheduler = make_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, total_steps,
-                                                 anchor=lr_anchor)
             if budget is not None:
-                budget_seconds_used = state.get("train_seconds") or 0.0
+                fitted = state.get("steps_fitted_to_budget")
+                if fitted:  # its budget fitted the run's length: the same end and LR schedule, until fitted again
+                    total_steps, lr_anchor = state["total_steps"], state.get("lr_anchor")
+                    lr_scheduler = make_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, total_steps,
+                                                     anchor=lr_anchor)
+                budget.resume(state.get("train_seconds") or 0.0, total_steps if fitted else None)
             unet.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
             step, epoch, epoch_batches = state["step"], state["epoch"], state["epoch_batches"]
@@ -324,7 +323,7 @@ def main(argv=None) -> None:
     progress = tqdm(total=None if total_steps == NOT_YET_FITTED else total_steps, initial=step, desc="training",
                     disable=not ctx.is_main, dynamic_ncols=True)
     if budget is not None:
-        budget.start(step, budget_seconds_used, total_steps if budget.fitted else None)
+        budget.start(step)
     loss_sum = torch.zeros((), device=device)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     window_start, window_images, window_steps = time.perf_counter(), 0, 0

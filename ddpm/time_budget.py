@@ -35,15 +35,20 @@ class TimeBudget:
         self.seconds = minutes * 60
         self.warmup_steps = warmup_steps
         self.fitted = False
+        self.fitted_total = None  # the latest fit's count
+        self.used_before = 0.0  # seconds spent by the runs this one resumes
 
-    def start(self, step: int, used_seconds: float = 0.0, fitted_total: int | None = None) -> None:
-        """At the first step of this process, `used_seconds` spent by the runs it resumes, and the count they
-        fitted, if they did."""
-        self.start_time = clock() - used_seconds
+    def resume(self, used_seconds: float, fitted_total: int | None) -> None:
+        """A run resumed from a checkpoint: the seconds its runs had used, and the count they fitted, if they did."""
+        self.used_before = used_seconds
+        self.fitted, self.fitted_total = fitted_total is not None, fitted_total
+
+    def start(self, step: int) -> None:
+        """At the first step of this process."""
+        self.start_time = clock() - self.used_before
         self.fit_step = max(self.warmup_steps, step + SETTLING_STEPS + MIN_RATE_STEPS)
         self.rate_from = None  # (step, time) where the measured window begins
         self.rate_from_step = step + SETTLING_STEPS
-        self.fitted_total = fitted_total  # the latest fit's count
 
     def plan(self, cap: int | None) -> str:
         """The run's length as the start line says it, before the fit."""

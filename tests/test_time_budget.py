@@ -61,7 +61,8 @@ def test_a_resumed_run_counts_the_seconds_its_checkpoint_had_used(clock):
     fresh, resumed = TimeBudget(minutes=1, warmup_steps=40), TimeBudget(minutes=1, warmup_steps=40)
     fresh.start(step=0)
     clock.now = 100.0
-    resumed.start(step=0, used_seconds=30.0)
+    resumed.resume(used_seconds=30.0, fitted_total=None)
+    resumed.start(step=0)
     assert resumed.used_seconds() == 30.0
     start = clock.now
     step = train_until_due(resumed, clock, 0, lambda k: 0.1)
@@ -73,7 +74,8 @@ def test_a_resumed_run_counts_the_seconds_its_checkpoint_had_used(clock):
 
 def test_a_budget_spent_before_the_rate_is_known_ends_the_run_at_that_step(clock):
     budget = TimeBudget(minutes=1, warmup_steps=200)
-    budget.start(step=10, used_seconds=55.0)
+    budget.resume(used_seconds=55.0, fitted_total=None)
+    budget.start(step=10)
     step = train_until_due(budget, clock, 10, lambda k: 2.0)
     assert step == 13  # 55 + 3 x 2 s >= 60, before step 15 starts the measured window
     total, how = budget.steps_that_fit(step, cap=None)
@@ -126,8 +128,8 @@ def test_a_budget_spent_after_the_first_fit_ends_the_run_at_the_next_fit(clock):
 
 def test_a_resumed_run_keeps_its_checkpoints_count_until_its_own_rate_moves_it(clock):
     budget = TimeBudget(minutes=1, warmup_steps=40)
-    budget.start(step=300, used_seconds=30.0, fitted_total=540)
-    budget.fitted = True
+    budget.resume(used_seconds=30.0, fitted_total=540)
+    budget.start(step=300)
     # 8 steps/s as the checkpoint's run had: 300 + 8 x 30 s = 540, the same count
     step = train_until_due(budget, clock, 300, lambda k: 0.125)
     assert budget.steps_that_fit(step, cap=None) == (540, "")
