@@ -19,6 +19,9 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # benchmarks/benchmark.py imports ddpm from the checkout
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 BATCH=${BATCH:-64}
+CIFAR_STEPS=${CIFAR_STEPS:-500}  # train.py steps of each CIFAR loop run (8, 9)
+VARIANTS=${VARIANTS:-eager,compile,compile_reduce_overhead,cuda_graph,compile_cuda_graph}  # train_step_gpu.py's (7)
+VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-110}  # seconds each of them may take, compiling included
 PARTS=${PARTS:-"tutorial cifar_step cifar_loop cifar_tests"}
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 TRAIN=(train.py --preset butterflies-128 --builtin_data --mixed_precision bf16 --train_batch_size "$BATCH"
@@ -85,18 +88,19 @@ timeout 90 python3 benchmarks/benchmark.py --config tutorial128 --device cuda --
     --markdown "$OUT/channels_last.md" 2>&1 | tee "$OUT/channels_last.log"
 fi
 
-CIFAR=(train.py --preset cifar10-32 --builtin_data --max_train_steps 500 --logging_steps 10
+CIFAR=(train.py --preset cifar10-32 --builtin_data --max_train_steps "$CIFAR_STEPS" --logging_steps 10
        --checkpointing_steps 100000 --save_images_epochs 100000 --save_model_epochs 100000
        --eval_batch_size 16 --ddpm_num_inference_steps 20)
 
 if want cifar_step; then
-    part "7. train_step_gpu.py: CIFAR UNet, batch 128, bf16, each variant at most 110 s"
-    timeout 570 python3 benchmarks/train_step_gpu.py --variant_timeout 110 --markdown "$OUT/cifar-step.md" 2>&1 \
+    part "7. train_step_gpu.py: CIFAR UNet, batch 128, bf16, each variant at most $VARIANT_TIMEOUT s"
+    timeout 570 python3 benchmarks/train_step_gpu.py --variants "$VARIANTS" --variant_timeout "$VARIANT_TIMEOUT" \
+        --markdown "$OUT/cifar-step.md" 2>&1 \
         | tee "$OUT/cifar-step.log" | grep -v Warning
 fi
 
 if want cifar_loop; then
-    part "8. train.py --preset cifar10-32 --builtin_data, 500 steps, eager and --compile"
+    part "8. train.py --preset cifar10-32 --builtin_data, $CIFAR_STEPS steps, eager and --compile"
     for mode in eager compiled; do
         extra=(); [ $mode = compiled ] && extra=(--compile)
         timeout 180 python3 "${CIFAR[@]}" "${extra[@]}" --output_dir /tmp/cifar-$mode > /tmp/cifar-$mode.log 2>&1

@@ -29,7 +29,7 @@ def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, snr_gamma
       x_0: min(SNR, gamma)    eps: min(SNR, gamma) / SNR = min(1, gamma / SNR)    v: min(SNR, gamma) / (SNR + 1)
     The eps form is written min(1, gamma / SNR) so that SNR = 0 (a zero-terminal-SNR schedule) gives its limit, 1.
     """
-    abar = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    abar = scheduler.alphas_cumprod_on(timesteps.device, torch.float32)[timesteps]
     snr = abar / (1 - abar)
     prediction_type = scheduler.config["prediction_type"]
     if prediction_type == "epsilon":

@@ -192,12 +192,17 @@ class DDPMScheduler:
         sqrt_abar, sqrt_one_minus_abar = self._forward_coefficients(sample, timesteps)
         return sqrt_abar * noise - sqrt_one_minus_abar * sample
 
+    def alphas_cumprod_on(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """abar_t for every t, on `device` in `dtype`: copied once, since a copy to the GPU every training step
+        would make the host wait for it."""
+        key = (torch.device(device), dtype)
+        if key not in self._alphas_cumprod_on:
+            self._alphas_cumprod_on[key] = self.alphas_cumprod.to(device=device, dtype=dtype)
+        return self._alphas_cumprod_on[key]
+
     def _forward_coefficients(self, like: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """sqrt(abar_t) and sqrt(1 - abar_t) for each timestep, shaped to broadcast over `like`."""
-        key = (like.device, like.dtype)
-        if key not in self._alphas_cumprod_on:  # copied once: a copy to the GPU every training step would wait for it
-            self._alphas_cumprod_on[key] = self.alphas_cumprod.to(device=like.device, dtype=like.dtype)
-        abar = self._alphas_cumprod_on[key][timesteps.to(like.device)].flatten()
+        abar = self.alphas_cumprod_on(like.device, like.dtype)[timesteps.to(like.device)].flatten()
         shape = (-1,) + (1,) * (like.ndim - 1)
         return (abar**0.5).reshape(shape), ((1 - abar) ** 0.5).reshape(shape)
 
