@@ -36,6 +36,7 @@ from ddpm import DDIMScheduler, DDPMScheduler, UNet2DModel, generate, save_pipel
 from ddpm import distributed, hub
 from ddpm.checkpoint import (CheckpointError, capture_rng_state, list_checkpoints, load_checkpoint,
                              restore_rng_state, save_checkpoint, set_aside_checkpoints_after)
+from ddpm.cuda_graph_step import CudaGraphStep
 from ddpm.data import CACHE_BYTES, DataError, EpochSampler, TrainingImages, load_images
 from ddpm.device_data import DeviceDataUnavailable, DeviceImages
 from ddpm.ema import EMA
@@ -142,11 +143,16 @@ def main(argv=None) -> None:
     layout = {"force_layout_optimization": True} if args.channels_last else None
     model = torch.compile(unet, options=layout) if args.compile else unet
     if ctx.is_distributed:
+        if args.cuda_graph:
+            fail(f"--cuda_graph runs in one process; this run has {ctx.world_size} (the gradient all-reduce inside "
+                 "a captured step is not measured yet)")
         model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     # fused: one kernel for all parameters; on 2 CPU threads the quickstart step ran 1.11x as fast as with foreach ops
     # (docs/quickstart.md, third search)
+    # capturable: AdamW's step counts stay on the GPU, where a CUDA graph can advance them
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, fused=True)
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, fused=True,
+                                  capturable=args.cuda_graph)
     lr_scheduler = make_lr_scheduler(optimizer, args.lr_scheduler, args.lr_warmup_steps, total_steps)
     # EMA on every rank: it is updated from the synchronised weights, so the copies stay identical
     ema = EMA(unet, args.ema_inv_gamma, args.ema_power, args.ema_max_decay) if args.use_ema else None
@@ -326,6 +332,8 @@ def main(argv=None) -> None:
         budget.start(step)
     loss_sum = torch.zeros((), device=device)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    graph_step = (CudaGraphStep(model, unet, scheduler, optimizer, ema, autocast_dtype, args.snr_gamma,
+                                args.max_grad_norm, loss_sum, nonfinite) if args.cuda_graph else None)
     window_start, window_images, window_steps = time.perf_counter(), 0, 0
     completed_epochs = epochs_completed()
     logs = {}  # the latest logged values; the model card shows the loss
@@ -336,6 +344,10 @@ def main(argv=None) -> None:
             noise = torch.randn(x0.shape, generator=noise_generator, device=device)
             timesteps = torch.randint(0, args.ddpm_num_steps, (x0.shape[0],), generator=noise_generator,
                                       device=device)
+            window_images += x0.shape[0] * ctx.world_size
+            if graph_step is not None:  # the rest of the step, EMA included, replayed from a CUDA graph
+                graph_step(x0, noise, timesteps)
+                break
             # gradients are all-reduced only on the last micro-step
             sync = micro_step == args.gradient_accumulation_steps - 1
             with (nullcontext() if sync or not ctx.is_distributed else model.no_sync()):
@@ -345,14 +357,16 @@ def main(argv=None) -> None:
             loss_sum += loss.detach() / args.gradient_accumulation_steps
             if not scaler.is_enabled():  # under fp16 an overflowing loss only makes GradScaler skip the step
                 nonfinite |= ~torch.isfinite(loss.detach())
-            window_images += x0.shape[0] * ctx.world_size
 
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
-        scale_before = scaler.get_scale() if scaler.is_enabled() else None
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        if graph_step is None:
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+            scale_before = scaler.get_scale() if scaler.is_enabled() else None
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            grad_norm, scale_before = graph_step.grad_norm, None
         if scale_before is not None and scaler.get_scale() < scale_before:
             skipped_steps += 1  # fp16 overflow: GradScaler skipped the update and lowered the scale
             skipped_in_a_row += 1
@@ -362,7 +376,7 @@ def main(argv=None) -> None:
         else:
             skipped_in_a_row = 0
             lr_scheduler.step()
-            if ema is not None:
+            if ema is not None and graph_step is None:
                 ema.update(unet)
         step += 1
         window_steps += 1

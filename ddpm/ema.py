@@ -54,8 +54,19 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """Move the shadow towards the model's weights; call once after each optimizer step."""
+        self.advance()
+        self.move_towards(model, 1 - self.decay)
+
+    def advance(self) -> float:
+        """Count one more optimizer step and return the decay of its update (update() calls this)."""
         self.optimization_step += 1
         self.decay = self.get_decay(self.optimization_step)
+        return self.decay
+
+    @torch.no_grad()
+    def move_towards(self, model: nn.Module, one_minus_decay: float | torch.Tensor) -> None:
+        """The update's arithmetic; `one_minus_decay` may be a 0-dim tensor, which a CUDA graph reads at each
+        replay (ddpm/cuda_graph_step.py), where a float would be captured as a constant."""
         tensors = self._named_tensors(model)
         averaged = [name for name, tensor in tensors.items() if tensor.requires_grad]
         copied = [name for name, tensor in tensors.items() if not tensor.requires_grad]
@@ -64,7 +75,7 @@ class EMA:
             # ema -= (1 - decay) * (ema - param), so the result is bit-identical (lerp_ is not)
             shadow = [self.shadow[name] for name in averaged]
             difference = torch._foreach_sub(shadow, [tensors[name] for name in averaged])
-            torch._foreach_mul_(difference, 1 - self.decay)
+            torch._foreach_mul_(difference, one_minus_decay)
             torch._foreach_sub_(shadow, difference)
         if copied:
             # frozen parameters and buffers (e.g. BatchNorm statistics) are not averaged

@@ -514,6 +514,15 @@ BAD_INPUTS = {
     "unsupported_model_config_value": lambda tmp: (dict(model={**TINY_UNET, "act_fn": "gelu"}), "'gelu'"),
     "unknown_model_config_key": lambda tmp: (dict(model={**TINY_UNET, "attention_dropout": 0.1}),
                                              "attention_dropout"),
+    "cuda_graph_with_accumulation": lambda tmp: (dict(cuda_graph=True, gradient_accumulation_steps=2),
+                                                 "--cuda_graph records one micro-step per optimizer step: it cannot "
+                                                 "run with --gradient_accumulation_steps 2"),
+    "cuda_graph_with_fp16": lambda tmp: (dict(cuda_graph=True, mixed_precision="fp16"),
+                                         "--cuda_graph cannot run with --mixed_precision fp16"),
+    "cuda_graph_with_gradient_checkpointing": lambda tmp: (dict(cuda_graph=True, gradient_checkpointing=True),
+                                                           "--cuda_graph cannot run with --gradient_checkpointing"),
+    "cuda_graph_on_the_cpu": lambda tmp: (dict(cuda_graph=True), "--cuda_graph needs a CUDA GPU; this run is on "
+                                                                 "--device cpu"),
 }
 
 

@@ -1,0 +1,112 @@
+"""One whole training step captured as a CUDA graph and replayed (train.py --cuda_graph, issue 9).
+
+At 32x32 and batch 128 every kernel of a step is small, and launching them from Python takes longer than running
+them: on one H100 the CIFAR-10 UNet's model step ran 1,236 images/s eager, 1,487 compiled, 2,670 as one CUDA graph
+of eager kernels and 4,579 as one graph around the compiled UNet (benchmarks/train_step_gpu.py, docs/benchmarks.md).
+A graph replays the kernels it recorded, on the same memory, with no Python in between. So everything that changes
+from step to step lives in device tensors that the graph reads, filled before each replay:
+
+    the batch, eps and t        static buffers, copied into (eps and t are still drawn by train.py's generator,
+                                so the noise, and exact resume, are as without a graph)
+    the learning rate           a 0-dim tensor in AdamW's param group while it records (capturable, fused AdamW);
+                                train.py's LR schedule keeps writing floats, copied into the tensor before a replay
+    the EMA's 1 - decay         a 0-dim tensor (EMA.move_towards)
+
+The step itself is train.py's: L_simple (ddpm/loss.py) under autocast, backward, gradient clipping, AdamW, the EMA.
+Its first WARMUP_STEPS calls run eagerly on a side stream (torch.compile compiles, cuDNN picks its kernels, AdamW
+makes its state); the next one records the graph, with the gradients unset so that each replay writes them afresh
+(never accumulates), and replays it. Every call is one real optimizer step.
+
+Not with: several processes (the gradient all-reduce inside a graph is not measured yet), gradient accumulation,
+fp16 (GradScaler's skipped steps are decided on the host), gradient checkpointing (it reads the RNG state on the
+host): train_args.check_cuda_graph refuses each with one line. On a CPU (the tests) the step runs uncaptured.
+"""
+
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from .ema import EMA
+from .loss import diffusion_loss
+from .scheduler import DDPMScheduler
+
+WARMUP_STEPS = 3  # eager steps before the capture (PyTorch's CUDA graphs notes warm up with 3)
+
+
+class CudaGraphStep:
+    """Call with a batch, its noise and timesteps: one optimizer step, replayed from a CUDA graph after the first
+    WARMUP_STEPS. `loss_sum` and `nonfinite` are train.py's running tensors, added to in place;
+    `grad_norm` holds the last step's gradient norm (before clipping)."""
+
+    def __init__(self, model: nn.Module, unet: nn.Module, scheduler: DDPMScheduler, optimizer: torch.optim.Optimizer,
+                 ema: EMA | None, autocast_dtype: torch.dtype | None, snr_gamma: float | None, max_grad_norm: float,
+                 loss_sum: torch.Tensor, nonfinite: torch.Tensor):
+        self.model, self.unet, self.scheduler, self.optimizer, self.ema = model, unet, scheduler, optimizer, ema
+        self.snr_gamma, self.max_grad_norm = snr_gamma, max_grad_norm
+        self.loss_sum, self.nonfinite = loss_sum, nonfinite
+        self.device = loss_sum.device
+        # the autocast cache of cast weights must not outlive the capture: each replay casts afresh
+        self.autocast = (torch.autocast(self.device.type, dtype=autocast_dtype, cache_enabled=False)
+                         if autocast_dtype is not None else nullcontext())
+        self.learning_rates = [torch.tensor(group["lr"], device=self.device) for group in optimizer.param_groups]
+        self.one_minus_decay = torch.zeros((), device=self.device)
+        self.x0 = self.noise = self.timesteps = None  # the static inputs, allocated at the first call
+        self.grad_norm = torch.zeros((), device=self.device)
+        self.calls = 0
+        self.graph = None
+        self.capture = self.device.type == "cuda"
+
+    def __call__(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> None:
+        if self.x0 is None:
+            self.x0, self.noise, self.timesteps = (torch.empty_like(x0), torch.empty_like(noise),
+                                                   torch.empty_like(timesteps))
+        self.x0.copy_(x0)
+        self.noise.copy_(noise)
+        self.timesteps.copy_(timesteps)
+        for tensor, group in zip(self.learning_rates, self.optimizer.param_groups):
+            tensor.fill_(group["lr"])  # where the LR schedule stands now
+        if self.ema is not None:
+            self.one_minus_decay.fill_(1 - self.ema.advance())
+        self.calls += 1
+        if not self.capture:
+            self._step()
+        elif self.graph is not None:
+            self.graph.replay()
+        elif self.calls <= WARMUP_STEPS:
+            self._on_side_stream(self._step)
+        else:
+            self._on_side_stream(lambda: None)  # the side stream's work is done before the capture starts
+            self.optimizer.zero_grad(set_to_none=True)  # the graph allocates the gradients it writes
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._step()
+            self.graph.replay()  # recording ran nothing: this is the step
+
+    def _on_side_stream(self, work) -> None:
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            work()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+
+    def _step(self) -> None:
+        """Algorithm 1, lines 3-5, and the update: what the graph records."""
+        with self.autocast:
+            loss = diffusion_loss(self.model, self.scheduler, self.x0, self.noise, self.timesteps, self.snr_gamma)
+        loss.backward()
+        self.loss_sum.add_(loss.detach())
+        self.nonfinite.logical_or_(~torch.isfinite(loss.detach()))
+        self.grad_norm = torch.nn.utils.clip_grad_norm_(self.unet.parameters(), self.max_grad_norm)
+        floats = [group["lr"] for group in self.optimizer.param_groups]
+        for tensor, group in zip(self.learning_rates, self.optimizer.param_groups):
+            group["lr"] = tensor  # read by the step, not baked into it
+        try:
+            self.optimizer.step()
+        finally:
+            for value, group in zip(floats, self.optimizer.param_groups):
+                group["lr"] = value
+        if self.ema is not None:
+            self.ema.move_towards(self.unet, self.one_minus_decay)
+        if not self.capture or self.calls <= WARMUP_STEPS:  # not while recording: the graph keeps its gradients
+            self.optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,131 @@
+"""train.py --cuda_graph (ddpm/cuda_graph_step.py): the recorded step is train.py's step. On the CPU the step runs
+uncaptured and must equal the eager loop's arithmetic bit for bit (learning rate, EMA decay, clipping); on a GPU,
+train.py with and without the graph, and a graph run stopped and resumed."""
+
+import shutil
+
+import pytest
+import torch
+
+import ddpm.cuda_graph_step
+from ddpm import DDPMScheduler, UNet2DModel
+from ddpm.cuda_graph_step import WARMUP_STEPS, CudaGraphStep
+from ddpm.ema import EMA
+from ddpm.loss import diffusion_loss
+from ddpm.lr_schedule import make_lr_scheduler
+from oracle import TINY, perturb_, single_thread  # noqa: F401  (autouse fixture)
+from test_train import TINY_UNET, assert_same_tensors, checkpoint_at, image_folder, run
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def training_state(snr_gamma: float | None):
+    torch.manual_seed(0)
+    unet = perturb_(UNet2DModel(**TINY)).train()
+    # 2^-8 times warmup factors 1/4, 1/2, 3/4, 1: learning rates a float32 tensor holds exactly, as the float does
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=2**-8, fused=True, capturable=True)
+    return unet, optimizer, make_lr_scheduler(optimizer, "constant_with_warmup", 4, 7), EMA(unet, max_decay=0.999)
+
+
+@pytest.mark.parametrize("snr_gamma", [None, 5.0])
+def test_the_uncaptured_step_equals_train_pys_eager_step_bit_for_bit(snr_gamma):
+    scheduler = DDPMScheduler(prediction_type="sample" if snr_gamma else "epsilon")
+    generator = torch.Generator().manual_seed(1)
+    batches = [(torch.rand(2, 3, 8, 8, generator=generator) * 2 - 1, torch.randn(2, 3, 8, 8, generator=generator),
+                torch.randint(0, 1000, (2,), generator=generator)) for _ in range(7)]
+
+    # train.py's loop without --cuda_graph
+    unet, optimizer, lr_scheduler, ema = training_state(snr_gamma)
+    loss_sum, norms = torch.zeros(()), []
+    for x0, noise, timesteps in batches:
+        loss = diffusion_loss(unet, scheduler, x0, noise, timesteps, snr_gamma)
+        loss.backward()
+        loss_sum += loss.detach()
+        norms.append(torch.nn.utils.clip_grad_norm_(unet.parameters(), 0.5))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lr_scheduler.step()
+        ema.update(unet)
+
+    graphed_unet, optimizer, lr_scheduler, graphed_ema = training_state(snr_gamma)
+    graphed_loss_sum, nonfinite, graphed_norms = torch.zeros(()), torch.zeros((), dtype=torch.bool), []
+    step = CudaGraphStep(graphed_unet, graphed_unet, scheduler, optimizer, graphed_ema, None, snr_gamma, 0.5,
+                         graphed_loss_sum, nonfinite)
+    for x0, noise, timesteps in batches:
+        step(x0, noise, timesteps)
+        graphed_norms.append(step.grad_norm.clone())
+        lr_scheduler.step()
+
+    assert optimizer.param_groups[0]["lr"] == 2**-8 and isinstance(optimizer.param_groups[0]["lr"], float)
+    assert_same_tensors(unet.state_dict(), graphed_unet.state_dict())
+    assert_same_tensors(ema.shadow, graphed_ema.shadow)
+    assert (ema.optimization_step, ema.decay) == (graphed_ema.optimization_step, graphed_ema.decay)
+    assert torch.equal(torch.stack(norms), torch.stack(graphed_norms))
+    assert torch.equal(loss_sum, graphed_loss_sum) and not nonfinite
+
+
+def test_a_nonfinite_loss_is_flagged_on_the_device():
+    scheduler = DDPMScheduler()
+    unet, optimizer, _, ema = training_state(None)
+    loss_sum, nonfinite = torch.zeros(()), torch.zeros((), dtype=torch.bool)
+    step = CudaGraphStep(unet, unet, scheduler, optimizer, None, None, None, 1.0, loss_sum, nonfinite)
+    x0 = torch.zeros(2, 3, 8, 8)
+    step(x0, torch.randn(2, 3, 8, 8), torch.tensor([0, 999]))
+    assert not nonfinite
+    step(x0.fill_(float("inf")), torch.randn(2, 3, 8, 8), torch.tensor([0, 999]))
+    assert nonfinite
+
+
+# -----------------------------------------------------------------------------
+# On a GPU: the recorded step inside train.py
+
+GPU_RUN = dict(model={**TINY_UNET, "dropout": 0.1}, device="cuda", mixed_precision="bf16", use_ema=True,
+               random_flip=True, max_train_steps=8, checkpointing_steps=4, logging_steps=2, lr_scheduler="cosine")
+
+
+@needs_cuda
+def test_train_py_with_a_cuda_graph_trains_as_without(tmp_path):
+    images = image_folder(tmp_path / "images", 40, (8, 8))
+    eager = run(tmp_path, output_dir=tmp_path / "eager", train_data_dir=images, **GPU_RUN)
+    graphed = run(tmp_path, output_dir=tmp_path / "graphed", train_data_dir=images, cuda_graph=True, **GPU_RUN)
+    a, b = checkpoint_at(eager, 8), checkpoint_at(graphed, 8)
+    # the learning rate reaches the graph as a float32 tensor, the eager step as a float: not bit-identical
+    for name, tensor in a["model"].items():
+        torch.testing.assert_close(b["model"][name], tensor, rtol=1e-4, atol=1e-6)
+    for name, tensor in a["ema"].items():
+        torch.testing.assert_close(b["ema"][name], tensor, rtol=1e-4, atol=1e-6)
+    assert a["state"]["lr_scheduler"] == b["state"]["lr_scheduler"]
+
+
+@needs_cuda
+def test_a_stopped_and_resumed_graph_run_equals_the_uninterrupted_one(tmp_path):
+    images = image_folder(tmp_path / "images", 40, (8, 8))
+    uninterrupted = run(tmp_path, output_dir=tmp_path / "uninterrupted", train_data_dir=images, cuda_graph=True,
+                        **GPU_RUN)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(uninterrupted / "checkpoint-4", resumed / "checkpoint-4")
+    run(tmp_path, output_dir=resumed, resume_from_checkpoint="latest", train_data_dir=images, cuda_graph=True,
+        **GPU_RUN)
+    a, b = checkpoint_at(uninterrupted, 8), checkpoint_at(resumed, 8)
+    assert_same_tensors(a["model"], b["model"])
+    assert_same_tensors(a["ema"], b["ema"])
+
+
+@needs_cuda
+def test_replayed_steps_never_wait_for_the_gpu(tmp_path, monkeypatch):
+    calls = []
+    record = CudaGraphStep.__call__
+
+    def call_checking_syncs(self, *args):
+        # "error" over the replays of steps 5-7 (the graph is recorded at step WARMUP_STEPS + 1 = 4)
+        calls.append(1)
+        torch.cuda.set_sync_debug_mode("error" if WARMUP_STEPS + 2 <= len(calls) <= 7 else "default")
+        return record(self, *args)
+
+    monkeypatch.setattr(ddpm.cuda_graph_step.CudaGraphStep, "__call__", call_checking_syncs)
+    try:
+        run(tmp_path, train_data_dir=image_folder(tmp_path / "images", 40, (8, 8)), cuda_graph=True,
+            **{**GPU_RUN, "logging_steps": 100, "checkpointing_steps": 100})
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(calls) == 8
