@@ -6,12 +6,16 @@
 #   4. benchmark.py as 1 with --compile (training only: each measurement compiles anew); 5. train.py as 2 with --compile; 6. benchmark.py as 1 with --channels_last
 # The CIFAR-10 UNet (issue 9), batch 128, bf16 (the cifar10-32 preset's default on a GPU), built-in data at 32 px:
 #   7. train_step_gpu.py: the model step eager, compiled, reduce-overhead, and as one CUDA graph (eager, compiled)
-#   8. train.py --preset cifar10-32, 500 steps, eager and --compile: the whole loop, images on the GPU (--device_data)
-#   9. torchrun --nproc_per_node=1, the same run eager: DDP's overhead against 8 on the same card
-#   10. the CUDA tests: device batches equal the CPU DataLoader's, and no host synchronisation between logging steps
+#   8. train.py --preset cifar10-32, $CIFAR_STEPS steps: eager, --cuda_graph, --compile --cuda_graph and --compile:
+#      the whole loop, images on the GPU (--device_data)
+#   9. torchrun --nproc_per_node=1, the eager run, right after the plain one: DDP's overhead on the same card
+#   10. the CUDA tests: device batches equal the CPU DataLoader's, no host synchronisation between logging steps,
+#      --cuda_graph trains as without and resumes exactly
+# Measured on an H100 on 2026-11-28 (docs/benchmarks.md): 7 (but reduce-overhead), 8 and 9 without --cuda_graph,
+# 10 without the --cuda_graph tests. The next lease: PARTS="cifar_loop cifar_tests" CIFAR_STEPS=300 (~8 minutes).
 # Usage: OUT=results-dir bash benchmarks/gpu_check.sh   (diffusers must be importable: see the lease's wheels)
-# PARTS picks groups (default all): tutorial (1-6, ~9 min), cifar_step (7, at most 9.5 min), cifar_loop (8-9, ~4 min),
-# cifar_tests (10), e.g. PARTS="cifar_step cifar_tests" bash benchmarks/gpu_check.sh
+# PARTS picks groups (default all): tutorial (1-6, ~9 min), cifar_step (7, at most 9.5 min),
+# cifar_loop (8-9, ~7 min at 300 steps), cifar_tests (10), e.g. PARTS="cifar_step cifar_tests" bash benchmarks/gpu_check.sh
 # Each part has its own time limit, so a slow one does not cost the rest; logs go to $OUT.
 set -u
 OUT=${OUT:-gpu-results}
@@ -100,33 +104,35 @@ if want cifar_step; then
 fi
 
 if want cifar_loop; then
-    part "8. train.py --preset cifar10-32 --builtin_data, $CIFAR_STEPS steps, eager and --compile"
-    for mode in eager compiled; do
-        extra=(); [ $mode = compiled ] && extra=(--compile)
-        timeout 180 python3 "${CIFAR[@]}" "${extra[@]}" --output_dir /tmp/cifar-$mode > /tmp/cifar-$mode.log 2>&1
-        echo "exit code $?"; grep -E "parameters|DataLoader|rror" /tmp/cifar-$mode.log | head -3
+    part "8. train.py --preset cifar10-32 --builtin_data, $CIFAR_STEPS steps: eager, DDP, --cuda_graph, both compiled"
+    # 9. torchrun --nproc_per_node=1 right after the plain eager run, so that DDP's overhead compares neighbours
+    for mode in eager ddp graph compiled_graph compiled; do
+        launch=(python3); extra=()
+        case $mode in
+            ddp) launch=(torchrun --standalone --nproc_per_node=1) ;;
+            graph) extra=(--cuda_graph) ;;
+            compiled_graph) extra=(--compile --cuda_graph) ;;
+            compiled) extra=(--compile) ;;
+        esac
+        rm -rf /tmp/cifar-$mode
+        timeout 180 "${launch[@]}" "${CIFAR[@]}" "${extra[@]}" --output_dir /tmp/cifar-$mode > /tmp/cifar-$mode.log 2>&1
+        echo "$mode: exit code $?"; grep -aE "parameters|rror" /tmp/cifar-$mode.log | head -3
         loop_rate /tmp/cifar-$mode | tee -a "$OUT/cifar-loop.txt"
     done
-
-    part "9. torchrun --nproc_per_node=1, the same run, eager: DDP overhead"
-    timeout 120 torchrun --standalone --nproc_per_node=1 "${CIFAR[@]}" --output_dir /tmp/cifar-ddp \
-        > /tmp/cifar-ddp.log 2>&1
-    echo "exit code $?"; grep -E "parameters|rror" /tmp/cifar-ddp.log | head -3
-    loop_rate /tmp/cifar-ddp | tee -a "$OUT/cifar-loop.txt"
-    python3 - <<'EOF' | tee -a "$OUT/cifar-loop.txt"
+    python3 - <<'EOF2' | tee -a "$OUT/cifar-loop.txt"
 import statistics
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 rate = {run: statistics.median(e.value for e in EventAccumulator(f"/tmp/cifar-{run}/logs").Reload()
                                .Scalars("train/images_per_s") if e.step > 50) for run in ("eager", "ddp")}
 print(f"DDP overhead (torchrun --nproc_per_node=1 against a plain run, eager, same card): "
       f"{100 * (1 - rate['ddp'] / rate['eager']):.1f}% ({rate['ddp']:.1f} against {rate['eager']:.1f} images/s)")
-EOF
+EOF2
 fi
 
 if want cifar_tests; then
     part "10. CUDA tests: device data, no host synchronisation between logging steps"
-    timeout 180 python3 -m pytest -q -rs tests/test_device_data.py tests/test_train.py \
-        -k "cuda or wait_for_the_gpu" 2>&1 | tail -5 | tee "$OUT/cuda-tests.txt"
+    timeout 180 python3 -m pytest -q -rs tests/test_device_data.py tests/test_train.py tests/test_cuda_graph_step.py \
+        -k "cuda or wait_for_the_gpu or graph" 2>&1 | tail -5 | tee "$OUT/cuda-tests.txt"
 fi
 
 part "done"
