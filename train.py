@@ -246,6 +246,7 @@ def main(argv=None) -> None:
     precision = {"no": "fp32", "fp16": "fp16 autocast", "bf16": "bf16 autocast"}[args.mixed_precision]
     if args.mixed_precision_auto:
         precision += " (--mixed_precision auto: bf16 on a GPU that has it, else fp32)"
+    precision += ", compiled" * args.compile + ", one CUDA graph per step" * args.cuda_graph
     planned = budget.plan(args.max_train_steps) if budget and not budget.fitted else f"{total_steps} optimizer steps"
     log_main(ctx, f"{source.description}{in_memory}{skipped}; "
                   f"{sum(p.numel() for p in unet.parameters()):,} UNet parameters; "

@@ -864,6 +864,16 @@ def test_the_cifar10_preset_trains_in_bf16_on_a_gpu_that_has_it_and_in_fp32_othe
     assert given.mixed_precision == "fp16"
 
 
+def test_the_cifar10_preset_compiles_on_a_gpu_only_unless_told(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert train.parse_args(["--preset", "cifar10-32", "--device", "cuda"]).compile is True
+    assert train.parse_args(["--preset", "cifar10-32", "--device", "cuda", "--no-compile"]).compile is False
+    assert train.parse_args(["--preset", "cifar10-32", "--device", "cpu"]).compile is False
+    assert train.parse_args(["--preset", "cifar10-32", "--device", "cpu", "--compile"]).compile is True
+    assert train.parse_args(["--device", "cuda"]).compile is False
+
+
 def test_the_device_dependent_precision_is_stated_in_help_and_in_the_start_summary(tmp_path, capsys):
     assert "auto (the cifar10-32 preset's): bf16 on a GPU that has it, else no (fp32)" in \
         " ".join(build_parser().format_help().split())
