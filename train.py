@@ -197,6 +197,8 @@ def main(argv=None) -> None:
                 budget.resume(state.get("train_seconds") or 0.0, total_steps if fitted else None)
             unet.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
+            for group in optimizer.param_groups:  # the checkpoint's setting came back with its state
+                group["capturable"] = args.cuda_graph
             step, epoch, epoch_batches = state["step"], state["epoch"], state["epoch_batches"]
             skipped_steps = state["skipped_steps"]
             lr_scheduler.load_state_dict(state["lr_scheduler"])

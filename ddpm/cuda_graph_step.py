@@ -22,6 +22,7 @@ fp16 (GradScaler's skipped steps are decided on the host), gradient checkpointin
 host): train_args.check_cuda_graph refuses each with one line. On a CPU (the tests) the step runs uncaptured.
 """
 
+import warnings
 from contextlib import nullcontext
 
 import torch
@@ -56,6 +57,7 @@ class CudaGraphStep:
         self.calls = 0
         self.graph = None
         self.capture = self.device.type == "cuda"
+        self.side_stream = torch.cuda.Stream(self.device) if self.capture else None  # for the warm-up steps
 
     def __call__(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> None:
         if self.x0 is None:
@@ -74,21 +76,21 @@ class CudaGraphStep:
         elif self.graph is not None:
             self.graph.replay()
         elif self.calls <= WARMUP_STEPS:
-            self._on_side_stream(self._step)
-        else:
-            self._on_side_stream(lambda: None)  # the side stream's work is done before the capture starts
-            self.optimizer.zero_grad(set_to_none=True)  # the graph allocates the gradients it writes
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            current = torch.cuda.current_stream(self.device)
+            self.side_stream.wait_stream(current)
+            with torch.cuda.stream(self.side_stream), warnings.catch_warnings():
+                # AdamW's advice for an optimizer that is never captured: this one is, after these steps
+                warnings.filterwarnings("ignore", message=".*capturable=True.*")
                 self._step()
+            current.wait_stream(self.side_stream)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)  # the graph allocates the gradients it writes
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: a DataLoader's pin-memory thread may call CUDA while this thread records
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # synchronises first
+                self._step()
+            self.graph = graph
             self.graph.replay()  # recording ran nothing: this is the step
-
-    def _on_side_stream(self, work) -> None:
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            work()
-        torch.cuda.current_stream(self.device).wait_stream(side)
 
     def _step(self) -> None:
         """Algorithm 1, lines 3-5, and the update: what the graph records."""

@@ -112,6 +112,19 @@ def test_a_stopped_and_resumed_graph_run_equals_the_uninterrupted_one(tmp_path):
 
 
 @needs_cuda
+def test_a_run_without_the_graph_resumes_with_it(tmp_path):
+    images = image_folder(tmp_path / "images", 40, (8, 8))
+    eager = run(tmp_path, output_dir=tmp_path / "eager", train_data_dir=images, **GPU_RUN)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(eager / "checkpoint-4", resumed / "checkpoint-4")
+    run(tmp_path, output_dir=resumed, resume_from_checkpoint="latest", train_data_dir=images, cuda_graph=True,
+        **GPU_RUN)
+    a, b = checkpoint_at(eager, 8), checkpoint_at(resumed, 8)
+    for name, tensor in a["model"].items():
+        torch.testing.assert_close(b["model"][name], tensor, rtol=1e-4, atol=1e-6)
+
+
+@needs_cuda
 def test_replayed_steps_never_wait_for_the_gpu(tmp_path, monkeypatch):
     calls = []
     record = CudaGraphStep.__call__
