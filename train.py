@@ -40,6 +40,7 @@ from ddpm.cuda_graph_step import CudaGraphStep
 from ddpm.data import CACHE_BYTES, DataError, EpochSampler, TrainingImages, load_images
 from ddpm.device_data import DeviceDataUnavailable, DeviceImages
 from ddpm.ema import EMA
+from ddpm.fast_sampling import FastUNet
 from ddpm.loss import diffusion_loss
 from ddpm.loggers import LoggerError, make_logger
 from ddpm.lr_schedule import decay_progress, make_lr_scheduler
@@ -274,6 +275,8 @@ def main(argv=None) -> None:
     grid_scheduler = DDIMScheduler.from_config(scheduler.config) if args.sampler == "ddim" else scheduler
 
     def save_samples(weights: torch.nn.Module, epoch_number: int) -> None:
+        if args.cuda_graph:  # the grid's denoising forward as a graph too, in the training precision
+            weights = FastUNet(weights, autocast_dtype, cuda_graph=True)
         # a fixed seed, so grids are comparable over the run
         images = generate(weights, grid_scheduler, args.eval_batch_size, torch.Generator().manual_seed(args.seed),
                           args.ddpm_num_inference_steps, progress=True)

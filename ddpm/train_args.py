@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
              "turn it on for GPUs, where it measured faster (cifar10-32: 1.14x the images/s on an H100)")
     add("--cuda_graph", action="store_true",
         help="capture the whole training step (forward, backward, clipping, AdamW, EMA) as one CUDA graph and replay "
-             "it, after 3 eager steps: for small kernels, e.g. the CIFAR-10 UNet (its model step 2.2x as fast on an "
+             "it, after 3 eager steps, and the sample grids' denoising forward too, in the training precision: for "
+             "small kernels, e.g. the CIFAR-10 UNet (its model step 2.2x as fast on an "
              "H100 eager, 3.1x with --compile); not with several processes, gradient accumulation, fp16 or "
              "gradient checkpointing")
     add("--score_images", type=int, default=0,
