@@ -53,7 +53,7 @@ class CudaGraphStep:
         self.learning_rates = [torch.tensor(group["lr"], device=self.device) for group in optimizer.param_groups]
         self.one_minus_decay = torch.zeros((), device=self.device)
         self.x0 = self.noise = self.timesteps = None  # the static inputs, allocated at the first call
-        self.grad_norm = torch.zeros((), device=self.device)
+        self.grad_norm: torch.Tensor | None = None  # set by each step; after the capture, the graph's output
         self.calls = 0
         self.graph = None
         self.capture = self.device.type == "cuda"
