@@ -86,7 +86,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train_batch_size": 64,  # on two threads, 1.1x to 1.2x the images a second of batch 32 (docs/quickstart.md)
         "eval_batch_size": 16,
         # as many steps as fit in 9.5 minutes (30 s kept for the grids and for the machine's speed changing
-        # after the warmup, when the count is fixed): about 3,000 steps at 5.3 steps/s on two threads, 4,270 at 7.5
+        # after the warmup, when the count is fixed): about 3,000 steps at 5.3 steps/s on two threads, 4,270 at 7.5,
+        # 11,945 at 21 (the same 2 cores on 2026-11-28: 97.3% valid, TV 0.142; the eighth step of docs/quickstart.md)
         "max_train_minutes": 9.5,
         "learning_rate": 4e-3,
         # AdamW's second-moment average over ~100 steps instead of ~1,000: the gradients shrink tenfold over the run,
