@@ -5,16 +5,16 @@ draws them (DDPM, noise seed 1 = the run's --seed 0 plus 1), one line per settin
 $ python benchmarks/quickstart_resample.py trials/R1a 256 saved raw=trials/R1a/checkpoint-4200
 $ python benchmarks/quickstart_resample.py trials/R2a 256 steps=50 steps=200 variance=fixed_large
 $ python benchmarks/quickstart_resample.py trials/R2a 256 detail
-$ python benchmarks/quickstart_resample.py trials/Z0 1024 spacing=trailing seed=2 detail
+$ python benchmarks/quickstart_resample.py trials/Z0 1024 seed=2 detail spacing=trailing
 
 Settings: `saved` (the pipeline folder as train.py wrote it), `raw=CHECKPOINT` (that checkpoint's model weights,
 not its EMA), `steps=N` (N strided DDPM steps instead of 100), `variance=fixed_large` (sigma_t^2 = beta_t),
-`spacing=trailing` or `spacing=linspace` (the
-timesteps visited start at T-1 instead of T - T/N, Lin et al. 2023), `seed=N` (noise seed N instead of 1; applies to
-the settings after it), `detail` (the saved pipeline, and where its errors lie: valid fraction per shape; medians over the samples of
-the edge pixels' share of the squared error against the best fit, and of the standard deviation of the
-residual on the background and inside the shape, in levels of 0..255; and how the fits of all samples, valid or
-not, fall in (shape, background) pairs and in colours, against the even share).
+`spacing=trailing` or `spacing=linspace` (the timesteps visited start at T-1 instead of T - T/N, Lin et al.
+2023), `seed=N` (noise seed N instead of 1, for the settings after it), `detail` (the saved pipeline, and where its
+errors lie: valid fraction per shape; medians over the samples of the edge pixels' share of the squared error
+against the best fit, and of the standard deviation of the residual on the background and inside the shape, in
+levels of 0..255; and how the fits of all samples, valid or not, fall in (shape, background) pairs and in colours,
+against the even share).
 """
 
 import sys
@@ -68,6 +68,8 @@ def main(run: str, count: int, settings: list[str]) -> None:
     for setting in settings:
         name, _, value = setting.partition("=")
         if name == "seed":
+            if not value.isdigit():
+                sys.exit(f"quickstart_resample: seed= takes a whole number >= 0, got {value!r}")
             noise_seed = int(value)
             continue
         unet, scheduler = load_pipeline(run)
@@ -88,8 +90,8 @@ def main(run: str, count: int, settings: list[str]) -> None:
             samples = generate_in_batches(unet, DDPMScheduler.from_config(config), count,
                                           torch.Generator().manual_seed(noise_seed), steps)
         found = fit(samples)  # the score's own fit, shared with the detail
-        print(f"{run} {setting} (seed {noise_seed}): {score(found.classes, found.rmse)} ({time.perf_counter() - start:.0f} s)",
-              flush=True)
+        print(f"{run} {setting} (seed {noise_seed}): {score(found.classes, found.rmse)} "
+              f"({time.perf_counter() - start:.0f} s)", flush=True)
         if name == "detail":
             print(f"{run} {setting}: {detail(samples, found)}", flush=True)
 
