@@ -57,10 +57,11 @@ def detail(samples: torch.Tensor, found: Fit) -> str:
     colors = Counter(COLOR_NAMES[ShapesSource.COLORS.index(tuple(f.color))] for f in found.factors)
     even_pair = len(samples) / (len(ShapesSource.SHAPES) * len(ShapesSource.BACKGROUNDS))
     even_color = len(samples) / len(ShapesSource.COLORS)
+    per_pair = ", ".join(f"{shape} on {background} {n}" for (shape, background), n in sorted(pairs.items()))
+    per_color = ", ".join(f"{color} {n}" for color, n in sorted(colors.items()))
     return (f"valid per shape: {shapes}; edge share of squared error {median(edge_share):.2f}, residual std "
             f"background {median(background_std):.1f}, inside {median(inside_std):.1f}; fits per (shape, "
-            f"background), even {even_pair:.1f}: " + ", ".join(f"{s} on {b} {n}" for (s, b), n in sorted(pairs.items()))
-            + f"; per colour, even {even_color:.1f}: " + ", ".join(f"{c} {n}" for c, n in sorted(colors.items())))
+            f"background), even {even_pair:.1f}: {per_pair}; per colour, even {even_color:.1f}: {per_color}")
 
 
 def main(run: str, count: int, settings: list[str]) -> None:
