@@ -36,7 +36,7 @@ from ddpm import DDIMScheduler, DDPMScheduler, UNet2DModel, generate, save_pipel
 from ddpm import distributed, hub
 from ddpm.checkpoint import (CheckpointError, capture_rng_state, list_checkpoints, load_checkpoint,
                              restore_rng_state, save_checkpoint, set_aside_checkpoints_after)
-from ddpm.cuda_graph_step import CudaGraphStep
+from ddpm.cuda_graph_step import CudaGraphStep, recording_stream
 from ddpm.data import CACHE_BYTES, DataError, EpochSampler, TrainingImages, load_images
 from ddpm.device_data import DeviceDataUnavailable, DeviceImages
 from ddpm.ema import EMA
@@ -143,11 +143,13 @@ def main(argv=None) -> None:
     # Inductor drops channels_last for graphs with convs that halve the channels (every UNet's up path) unless forced
     layout = {"force_layout_optimization": True} if args.channels_last else None
     model = torch.compile(unet, options=layout) if args.compile else unet
+    graph_stream = recording_stream(device) if args.cuda_graph else None
     if ctx.is_distributed:
-        if args.cuda_graph:
-            fail(f"--cuda_graph runs in one process; this run has {ctx.world_size} (the gradient all-reduce inside "
-                 "a captured step is not measured yet)")
-        model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        # under --cuda_graph, DDP is built on the stream that records the step (ddpm/cuda_graph_step.py)
+        with torch.cuda.stream(graph_stream):  # None: no-op
+            model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        if graph_stream is not None:  # its broadcast of rank 0's weights before anything else touches them
+            torch.cuda.current_stream(device).wait_stream(graph_stream)
     # fused: one kernel for all parameters; on 2 CPU threads the quickstart step ran 1.11x as fast as with foreach ops
     # (docs/quickstart.md, third search)
     # capturable: AdamW's step counts stay on the GPU, where a CUDA graph can advance them
@@ -339,7 +341,7 @@ def main(argv=None) -> None:
     loss_sum = torch.zeros((), device=device)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     graph_step = (CudaGraphStep(model, unet, scheduler, optimizer, ema, autocast_dtype, args.snr_gamma,
-                                args.max_grad_norm, loss_sum, nonfinite) if args.cuda_graph else None)
+                                args.max_grad_norm, loss_sum, nonfinite, graph_stream) if args.cuda_graph else None)
     window_start, window_images, window_steps = time.perf_counter(), 0, 0
     completed_epochs = epochs_completed()
     logs = {}  # the latest logged values; the model card shows the loss

@@ -17,9 +17,15 @@ Its first WARMUP_STEPS calls run eagerly on a side stream (torch.compile compile
 makes its state); the next one records the graph, with the gradients unset so that each replay writes them afresh
 (never accumulates), and replays it. Every call is one real optimizer step.
 
-Not with: several processes (the gradient all-reduce inside a graph is not measured yet), gradient accumulation,
-fp16 (GradScaler's skipped steps are decided on the host), gradient checkpointing (it reads the RNG state on the
-host): train_args.check_cuda_graph refuses each with one line. On a CPU (the tests) the step runs uncaptured.
+Under torchrun the graph records DDP's gradient all-reduce too (NCCL collectives can be captured since NCCL 2.9.6),
+as PyTorch's CUDA notes ("Usage with DistributedDataParallel") prescribe: DDP is built on the stream that runs the
+warm-up and records the graph (train.py builds it on `recording_stream`), and the warm-up runs DDP_WARMUP_STEPS
+eager steps, past the 10 first iterations in which DDP's reducer times itself with host synchronisations. Every
+rank records and replays the same graph at the same step, so the collectives pair up as in eager steps.
+
+Not with: gradient accumulation, fp16 (GradScaler's skipped steps are decided on the host), gradient checkpointing
+(it reads the RNG state on the host): train_args.check_cuda_graph refuses each with one line. On a CPU (the tests)
+the step runs uncaptured.
 """
 
 import warnings
@@ -27,22 +33,30 @@ from contextlib import nullcontext
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .ema import EMA
 from .loss import diffusion_loss
 from .scheduler import DDPMScheduler
 
 WARMUP_STEPS = 3  # eager steps before the capture (PyTorch's CUDA graphs notes warm up with 3)
+DDP_WARMUP_STEPS = 11  # under DDP ("Your warmup must run at least 11 DDP-enabled eager iterations before capture")
+
+
+def recording_stream(device: torch.device) -> torch.cuda.Stream | None:
+    """The side stream that builds DDP, runs the warm-up steps and records the graph; None on a CPU."""
+    return torch.cuda.Stream(device) if device.type == "cuda" else None
 
 
 class CudaGraphStep:
     """Call with a batch, its noise and timesteps: one optimizer step, replayed from a CUDA graph after the first
-    WARMUP_STEPS. `loss_sum` and `nonfinite` are train.py's running tensors, added to in place;
-    `grad_norm` holds the last step's gradient norm (before clipping)."""
+    `warmup_steps` (WARMUP_STEPS, or DDP_WARMUP_STEPS when `model` is DDP). `loss_sum` and `nonfinite` are
+    train.py's running tensors, added to in place; `grad_norm` holds the last step's gradient norm (before
+    clipping). `stream`: recording_stream(device), the one DDP was built on, if any."""
 
     def __init__(self, model: nn.Module, unet: nn.Module, scheduler: DDPMScheduler, optimizer: torch.optim.Optimizer,
                  ema: EMA | None, autocast_dtype: torch.dtype | None, snr_gamma: float | None, max_grad_norm: float,
-                 loss_sum: torch.Tensor, nonfinite: torch.Tensor):
+                 loss_sum: torch.Tensor, nonfinite: torch.Tensor, stream: torch.cuda.Stream | None = None):
         self.model, self.unet, self.scheduler, self.optimizer, self.ema = model, unet, scheduler, optimizer, ema
         self.snr_gamma, self.max_grad_norm = snr_gamma, max_grad_norm
         self.loss_sum, self.nonfinite = loss_sum, nonfinite
@@ -55,9 +69,10 @@ class CudaGraphStep:
         self.x0 = self.noise = self.timesteps = None  # the static inputs, allocated at the first call
         self.grad_norm: torch.Tensor | None = None  # set by each step; after the capture, the graph's output
         self.calls = 0
+        self.warmup_steps = DDP_WARMUP_STEPS if isinstance(model, DistributedDataParallel) else WARMUP_STEPS
         self.graph = None
         self.capture = self.device.type == "cuda"
-        self.side_stream = torch.cuda.Stream(self.device) if self.capture else None  # for the warm-up steps
+        self.stream = stream or recording_stream(self.device)  # warm-up and recording, off the default stream
 
     def __call__(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> None:
         if self.x0 is None:
@@ -75,19 +90,19 @@ class CudaGraphStep:
             self._step()
         elif self.graph is not None:
             self.graph.replay()
-        elif self.calls <= WARMUP_STEPS:
+        elif self.calls <= self.warmup_steps:
             current = torch.cuda.current_stream(self.device)
-            self.side_stream.wait_stream(current)
-            with torch.cuda.stream(self.side_stream), warnings.catch_warnings():
+            self.stream.wait_stream(current)
+            with torch.cuda.stream(self.stream), warnings.catch_warnings():
                 # AdamW's advice for an optimizer that is never captured: this one is, after these steps
                 warnings.filterwarnings("ignore", message=".*capturable=True.*")
                 self._step()
-            current.wait_stream(self.side_stream)
+            current.wait_stream(self.stream)
         else:
             self.optimizer.zero_grad(set_to_none=True)  # the graph allocates the gradients it writes
             graph = torch.cuda.CUDAGraph()
             # thread_local: a DataLoader's pin-memory thread may call CUDA while this thread records
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # synchronises first
+            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):  # syncs first
                 self._step()
             self.graph = graph
             self.graph.replay()  # recording ran nothing: this is the step
@@ -110,5 +125,5 @@ class CudaGraphStep:
                 group["lr"] = value
         if self.ema is not None:
             self.ema.move_towards(self.unet, self.one_minus_decay)
-        if not self.capture or self.calls <= WARMUP_STEPS:  # not while recording: the graph keeps its gradients
+        if not self.capture or self.calls <= self.warmup_steps:  # not while recording: the graph keeps its gradients
             self.optimizer.zero_grad(set_to_none=True)

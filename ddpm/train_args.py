@@ -108,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="capture the whole training step (forward, backward, clipping, AdamW, EMA) as one CUDA graph and replay "
              "it, after 3 eager steps, and the sample grids' denoising forward too, in the training precision: for "
              "small kernels, e.g. the CIFAR-10 UNet (its model step 2.2x as fast on an "
-             "H100 eager, 3.1x with --compile); not with several processes, gradient accumulation, fp16 or "
-             "gradient checkpointing")
+             "H100 eager, 3.1x with --compile); under torchrun with DDP's all-reduce inside the graph; not with "
+             "gradient accumulation, fp16 or gradient checkpointing")
     add("--score_images", type=int, default=0,
         help="on the built-in data: the shapes score of this many samples at the end, drawn as the grids are")
     add("--eval_bpd_images", type=int, default=0,

@@ -3,18 +3,21 @@ uncaptured and must equal the eager loop's arithmetic bit for bit (learning rate
 train.py with and without the graph, and a graph run stopped and resumed."""
 
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import ddpm.cuda_graph_step
 from ddpm import DDPMScheduler, UNet2DModel
-from ddpm.cuda_graph_step import WARMUP_STEPS, CudaGraphStep
+from ddpm.cuda_graph_step import DDP_WARMUP_STEPS, WARMUP_STEPS, CudaGraphStep
 from ddpm.ema import EMA
 from ddpm.loss import diffusion_loss
 from ddpm.lr_schedule import make_lr_scheduler
 from oracle import TINY, perturb_, single_thread  # noqa: F401  (autouse fixture)
-from test_train import TINY_UNET, assert_same_tensors, checkpoint_at, image_folder, run
+from test_distributed import TRAIN_PY, worker_env
+from test_train import TINY_UNET, assert_same_tensors, checkpoint_at, image_folder, run, tiny_args
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -142,3 +145,23 @@ def test_replayed_steps_never_wait_for_the_gpu(tmp_path, monkeypatch):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert len(calls) == 8
+
+
+@needs_cuda
+def test_a_torchrun_graph_run_records_ddps_all_reduce_and_trains_as_one_process(tmp_path):
+    """torchrun with one process: DDP built on the recording stream, DDP_WARMUP_STEPS eager steps, then NCCL's
+    all-reduce recorded inside the graph; the training equals the plain graph run's up to float rounding."""
+    images = image_folder(tmp_path / "images", 40, (8, 8))
+    options = {**GPU_RUN, "train_data_dir": images, "cuda_graph": True, "max_train_steps": DDP_WARMUP_STEPS + 5,
+               "checkpointing_steps": DDP_WARMUP_STEPS + 5}
+    single = run(tmp_path, output_dir=tmp_path / "single", **options)
+    launch = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                             str(TRAIN_PY), *tiny_args(tmp_path, output_dir=tmp_path / "ddp", **options)],
+                            env=worker_env(), capture_output=True, text=True, timeout=300)
+    assert launch.returncode == 0, (launch.stdout + launch.stderr)[-4000:]
+    assert "one CUDA graph per step" in launch.stdout + launch.stderr
+    a, b = checkpoint_at(single, DDP_WARMUP_STEPS + 5), checkpoint_at(tmp_path / "ddp", DDP_WARMUP_STEPS + 5)
+    for name, tensor in a["model"].items():
+        torch.testing.assert_close(b["model"][name], tensor, rtol=1e-4, atol=1e-6)
+    for name, tensor in a["ema"].items():
+        torch.testing.assert_close(b["ema"][name], tensor, rtol=1e-4, atol=1e-6)

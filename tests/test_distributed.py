@@ -29,6 +29,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ddpm import DDPMScheduler, UNet2DModel, distributed
 from ddpm.checkpoint import list_checkpoints, load_checkpoint
+from ddpm.cuda_graph_step import CudaGraphStep
+from ddpm.ema import EMA
 from ddpm.loss import diffusion_loss
 
 REPO = Path(__file__).resolve().parents[1]
@@ -278,6 +280,7 @@ def two_rank_worker(rank: int, init_file: str, result_dir: str) -> None:
     try:
         record_ddp_steps(rank, Path(result_dir), batch_size=2)
         record_same_on_every_rank(rank, Path(result_dir))
+        record_graph_steps_under_ddp(rank, Path(result_dir))
     finally:
         dist.destroy_process_group()
 
@@ -332,6 +335,41 @@ def record_same_on_every_rank(rank: int, result_dir: Path) -> None:
     (result_dir / f"same_on_every_rank-rank{rank}.json").write_text(json.dumps(answers))
 
 
+def record_graph_steps_under_ddp(rank: int, result_dir: Path) -> None:
+    """4 steps of train.py --cuda_graph's step (ddpm/cuda_graph_step.py, uncaptured on the CPU) around a DDP model,
+    and 4 of train.py's eager DDP step, on this rank's own batches. Saves graph_steps-rank{rank}.pt: both copies'
+    weights, EMA weights and loss sums."""
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    g = torch.Generator().manual_seed(10 + rank)  # each rank its own batches and noise, as in train.py
+    batches = [(torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 3, 8, 8, generator=g),
+                torch.randint(0, 1000, (2,), generator=g)) for _ in range(4)]
+    results = {}
+    for kind in ("eager", "graph_step"):
+        torch.manual_seed(0)
+        unet = UNet2DModel(sample_size=8, **TINY_UNET)
+        model = DistributedDataParallel(unet)
+        # 2^-8: a learning rate the graph's float32 tensor holds exactly, as the float does
+        optimizer = torch.optim.AdamW(unet.parameters(), lr=2**-8, fused=True, capturable=kind == "graph_step")
+        ema = EMA(unet, max_decay=0.999)
+        loss_sum, nonfinite = torch.zeros(()), torch.zeros((), dtype=torch.bool)
+        step = (CudaGraphStep(model, unet, scheduler, optimizer, ema, None, None, 0.5, loss_sum, nonfinite)
+                if kind == "graph_step" else None)
+        for x0, noise, timesteps in batches:
+            if step is not None:
+                step(x0, noise, timesteps)
+                continue
+            loss = diffusion_loss(model, scheduler, x0, noise, timesteps)
+            loss.backward()
+            loss_sum += loss.detach()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 0.5)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            ema.update(unet)
+        results[kind] = {"weights": {name: t.clone() for name, t in unet.state_dict().items()},
+                         "ema": {name: t.clone() for name, t in ema.shadow.items()}, "loss_sum": loss_sum}
+    torch.save(results, result_dir / f"graph_steps-rank{rank}.pt")
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> Path:
     """two_rank_worker run on 2 spawned processes; the folder of its results."""
@@ -365,6 +403,17 @@ def test_ddp_step_on_2_ranks_equals_a_single_process_step_on_the_doubled_batch(t
 @pytest.mark.parametrize("rank", [0, 1])
 def test_ddp_step_with_no_sync_accumulation_equals_a_single_process_step_on_all_micro_batches(two_ranks, rank):
     assert_ddp_equals_single_process(two_ranks / f"accumulation-rank{rank}.pt")
+
+
+def test_the_cuda_graph_step_around_ddp_equals_train_pys_eager_ddp_step_on_each_rank(two_ranks):
+    ranks = [torch.load(two_ranks / f"graph_steps-rank{rank}.pt") for rank in (0, 1)]
+    for result in ranks:  # the step records DDP's all-reduce, not the plain UNet's local gradients
+        assert_same_tensors(result["eager"]["weights"], result["graph_step"]["weights"])
+        assert_same_tensors(result["eager"]["ema"], result["graph_step"]["ema"])
+        assert torch.equal(result["eager"]["loss_sum"], result["graph_step"]["loss_sum"])
+    assert_same_tensors(ranks[0]["graph_step"]["weights"], ranks[1]["graph_step"]["weights"])
+    assert_same_tensors(ranks[0]["graph_step"]["ema"], ranks[1]["graph_step"]["ema"])
+    assert not torch.equal(ranks[0]["graph_step"]["loss_sum"], ranks[1]["graph_step"]["loss_sum"])  # own batches
 
 
 @pytest.mark.parametrize("rank", [0, 1])
