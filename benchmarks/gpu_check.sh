@@ -1,48 +1,65 @@
 #!/usr/bin/env bash
-# Every GPU check of the speed work in one run, sized for a short lease on one H100/H200 (~9 minutes):
+# Every GPU check of the speed work in one run, sized for a short lease on one H100/H200, within $BUDGET seconds:
 #   1. benchmark.py, tutorial UNet at 128, bf16 autocast, eager: ddpm against diffusers
 #   2. train.py, 200 steps at 128 on the built-in data, bf16, EMA: the whole loop against the model-only number
 #   3. torchrun (NCCL), the same run: SIGTERM -> checkpoint and exit 0, then resume, SIGTERM again
 #   4. benchmark.py as 1 with --compile (training only: each measurement compiles anew); 5. train.py as 2 with --compile; 6. benchmark.py as 1 with --channels_last
 # The CIFAR-10 UNet (issue 9), batch 128, bf16 (the cifar10-32 preset's default on a GPU), built-in data at 32 px:
 #   7. train_step_gpu.py: the model step eager, compiled, reduce-overhead, and as one CUDA graph (eager, compiled)
-#   8. train.py --preset cifar10-32, $CIFAR_STEPS steps: eager, --cuda_graph, --compile --cuda_graph and --compile:
-#      the whole loop, images on the GPU (--device_data)
-#   9. torchrun --nproc_per_node=1, the eager run, right after the plain one: DDP's overhead on the same card
-#   10. the CUDA tests: device batches equal the CPU DataLoader's, no host synchronisation between logging steps,
-#      --cuda_graph trains as without and resumes exactly
-# Measured on an H100 on 2026-11-28 (docs/benchmarks.md): 7 (but reduce-overhead), 8 and 9 without --cuda_graph,
-# 10 without the --cuda_graph tests. The next lease: PARTS="cifar_loop cifar_tests" CIFAR_STEPS=300 (~8 minutes).
-# Usage: OUT=results-dir bash benchmarks/gpu_check.sh   (diffusers must be importable: see the lease's wheels)
-# PARTS picks groups (default all): tutorial (1-6, ~9 min), cifar_step (7, at most 9.5 min),
-# cifar_loop (8-9, ~7 min at 300 steps), cifar_tests (10), e.g. PARTS="cifar_step cifar_tests" bash benchmarks/gpu_check.sh
-# Each part has its own time limit, so a slow one does not cost the rest; logs go to $OUT.
+#   8. train.py --preset cifar10-32, $CIFAR_STEPS steps, each of $CIFAR_RUNS: the whole loop, images on the GPU
+#      (--device_data); a run named ddp_X is X under torchrun --nproc_per_node=1, right after X: DDP's overhead on
+#      the same card. Each run ends with a grid of the preset's 64 images (100 steps): its sampling rate gives the
+#      cost of the preset's grids (1,000 steps every 10 epochs) against the training between them.
+#   9. the CUDA tests: device batches equal the CPU DataLoader's, no host synchronisation between logging steps,
+#      --cuda_graph trains as without, resumes exactly, and under torchrun records DDP's all-reduce
+#   10. benchmarks/speed2_gpu.sh (issue 10: the tutorial UNet's fast paths) with what is left of $BUDGET
+# Measured on an H100 on 2026-11-28 (docs/benchmarks.md): 7 (but reduce-overhead), 8 eager, compiled and ddp_eager,
+# 9 without the --cuda_graph tests. The next lease runs the default PARTS ("cifar_loop cifar_tests speed2": the
+# 5,400 images/s goal's run first, then its tests, then issue 10) with BUDGET = the seconds the lease leaves:
+#   OUT=results-dir BUDGET=600 bash benchmarks/gpu_check.sh   (diffusers must be importable: the lease's wheels)
+# PARTS picks groups: tutorial (1-6, ~9 min), cifar_step (7, at most 9.5 min), cifar_loop (8, ~4.5 min at 300
+# steps and the default runs), cifar_tests (9, ~2 min), speed2 (10, up to 8 min); PARTS=all runs all but speed2.
+# Each part has its own time limit, cut to what is left of $BUDGET (a part that would get under 30 s is skipped
+# and says so); logs go to $OUT.
 set -u
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # benchmarks/benchmark.py imports ddpm from the checkout
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 BATCH=${BATCH:-64}
-CIFAR_STEPS=${CIFAR_STEPS:-500}  # train.py steps of each CIFAR loop run (8, 9)
+BUDGET=${BUDGET:-100000}
+CIFAR_STEPS=${CIFAR_STEPS:-300}  # train.py steps of each CIFAR loop run (8)
+CIFAR_RUNS=${CIFAR_RUNS:-"compiled_graph ddp_compiled_graph graph"}  # any of eager, compiled, graph, compiled_graph, ddp_*
 VARIANTS=${VARIANTS:-eager,compile,compile_reduce_overhead,cuda_graph,compile_cuda_graph}  # train_step_gpu.py's (7)
 VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-110}  # seconds each of them may take, compiling included
-PARTS=${PARTS:-"tutorial cifar_step cifar_loop cifar_tests"}
+PARTS=${PARTS:-"cifar_loop cifar_tests speed2"}
+[ "$PARTS" = all ] && PARTS="tutorial cifar_step cifar_loop cifar_tests"
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 TRAIN=(train.py --preset butterflies-128 --builtin_data --mixed_precision bf16 --train_batch_size "$BATCH"
        --use_ema --dataloader_num_workers 4 --logging_steps 10 --ddpm_num_inference_steps 20
        --checkpointing_steps 100000)
 
-part() { echo; echo "=== $(date +%T) $1"; }
+part() { echo; echo "=== $(date +%T), ${SECONDS}s in: $1"; }
+
+# Seconds for the next command: its own limit, or what is left of $BUDGET if less (0: skip it).
+limit() {
+    local left=$((BUDGET - SECONDS - 20))
+    if [ "$left" -lt 30 ]; then echo 0; elif [ "$left" -lt "$1" ]; then echo "$left"; else echo "$1"; fi
+}
 
 # Median images/s of train.py's 10-step windows after the first 50 steps (compiling, cuDNN set-up), from TensorBoard.
 loop_rate() {
     python3 - "$1" <<'EOF'
-import statistics, sys
+import os, statistics, sys
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-events = EventAccumulator(sys.argv[1] + "/logs").Reload()
-rates = [e.value for e in events.Scalars("train/images_per_s") if e.step > 50]
-print(f"train.py {sys.argv[1]}: median {statistics.median(rates):.1f} images/s over {len(rates)} windows of 10 "
-      f"steps after step 50 (min {min(rates):.1f}, max {max(rates):.1f})")
+events = EventAccumulator(sys.argv[1] + "/logs").Reload() if os.path.isdir(sys.argv[1] + "/logs") else None
+rates = ([e.value for e in events.Scalars("train/images_per_s") if e.step > 50]
+         if events and "train/images_per_s" in events.Tags()["scalars"] else [])
+if rates:
+    print(f"train.py {sys.argv[1]}: median {statistics.median(rates):.1f} images/s over {len(rates)} windows of 10 "
+          f"steps after step 50 (min {min(rates):.1f}, max {max(rates):.1f})")
+else:
+    print(f"train.py {sys.argv[1]}: no 10-step window after step 50")
 EOF
 }
 
@@ -94,7 +111,7 @@ fi
 
 CIFAR=(train.py --preset cifar10-32 --builtin_data --max_train_steps "$CIFAR_STEPS" --logging_steps 10
        --checkpointing_steps 100000 --save_images_epochs 100000 --save_model_epochs 100000
-       --eval_batch_size 16 --ddpm_num_inference_steps 20)
+       --eval_batch_size 64 --ddpm_num_inference_steps 100)
 
 if want cifar_step; then
     part "7. train_step_gpu.py: CIFAR UNet, batch 128, bf16, each variant at most $VARIANT_TIMEOUT s"
@@ -104,36 +121,62 @@ if want cifar_step; then
 fi
 
 if want cifar_loop; then
-    part "8. train.py --preset cifar10-32 --builtin_data, $CIFAR_STEPS steps: eager, DDP, --cuda_graph, both compiled"
-    # 9. torchrun --nproc_per_node=1 right after the plain eager run, so that DDP's overhead compares neighbours
-    for mode in eager ddp graph compiled_graph compiled; do
-        launch=(python3); extra=()
-        case $mode in
-            ddp) launch=(torchrun --standalone --nproc_per_node=1) ;;
-            graph) extra=(--cuda_graph) ;;
-            compiled_graph) extra=(--compile --cuda_graph) ;;
-            compiled) extra=(--compile) ;;
-        esac
-        rm -rf /tmp/cifar-$mode
-        timeout 180 "${launch[@]}" "${CIFAR[@]}" "${extra[@]}" --output_dir /tmp/cifar-$mode > /tmp/cifar-$mode.log 2>&1
-        echo "$mode: exit code $?"; grep -aE "parameters|rror" /tmp/cifar-$mode.log | head -3
-        loop_rate /tmp/cifar-$mode | tee -a "$OUT/cifar-loop.txt"
+    part "8. train.py --preset cifar10-32 --builtin_data, $CIFAR_STEPS steps: $CIFAR_RUNS"
+    for run in $CIFAR_RUNS; do
+        launch=(python3) extra=() own=120
+        [[ $run == ddp_* ]] && launch=(torchrun --standalone --nproc_per_node=1)
+        [[ $run == *compiled* ]] && extra+=(--compile) own=200  # a cold compile of this UNet took 94 s on an H100
+        [[ $run == *graph* ]] && extra+=(--cuda_graph)
+        seconds=$(limit $own)
+        if [ "$seconds" = 0 ]; then echo "$run: skipped, the budget of ${BUDGET}s is spent"; continue; fi
+        rm -rf "/tmp/cifar-$run"
+        timeout -k 20 "$seconds" "${launch[@]}" "${CIFAR[@]}" "${extra[@]}" --output_dir "/tmp/cifar-$run" \
+            > "$OUT/cifar-$run.log" 2>&1
+        echo "$run (${extra[*]}): exit code $? (limit ${seconds}s)"; grep -aE "parameters|rror" "$OUT/cifar-$run.log" | head -3
+        loop_rate "/tmp/cifar-$run" | tee -a "$OUT/cifar-loop.txt"
     done
-    python3 - <<'EOF2' | tee -a "$OUT/cifar-loop.txt"
-import statistics
+    python3 - "$OUT" $CIFAR_RUNS <<'EOF2' | tee -a "$OUT/cifar-loop.txt"
+import re, statistics, sys
+from pathlib import Path
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-rate = {run: statistics.median(e.value for e in EventAccumulator(f"/tmp/cifar-{run}/logs").Reload()
-                               .Scalars("train/images_per_s") if e.step > 50) for run in ("eager", "ddp")}
-print(f"DDP overhead (torchrun --nproc_per_node=1 against a plain run, eager, same card): "
-      f"{100 * (1 - rate['ddp'] / rate['eager']):.1f}% ({rate['ddp']:.1f} against {rate['eager']:.1f} images/s)")
+out, runs = Path(sys.argv[1]), sys.argv[2:]
+
+def rate(run):
+    if not Path(f"/tmp/cifar-{run}/logs").is_dir():
+        return None
+    try:
+        return statistics.median(e.value for e in EventAccumulator(f"/tmp/cifar-{run}/logs").Reload()
+                                 .Scalars("train/images_per_s") if e.step > 50)
+    except (KeyError, statistics.StatisticsError):
+        return None
+
+for run in runs:
+    if run.startswith("ddp_") and rate(run) and rate(run[4:]):
+        print(f"DDP overhead, {run[4:]} (torchrun --nproc_per_node=1 against a plain run, same card): "
+              f"{100 * (1 - rate(run) / rate(run[4:])):.1f}% ({rate(run):.1f} against {rate(run[4:]):.1f} images/s)")
+    # the last sampling bar of the run's final grid (64 images, 100 steps): the preset's grid is 1,000 steps
+    log = (out / f"cifar-{run}.log").read_text(errors="replace")
+    bars = re.findall(r"sampling: +\d+%[^\r\n]*?, ([0-9.]+)(s/it|it/s)\]", log)
+    if bars and rate(run):
+        steps_per_s = float(bars[-1][0]) if bars[-1][1] == "it/s" else 1 / float(bars[-1][0])
+        grid_s, between_s = 1000 / steps_per_s, 10 * 50_000 / rate(run)  # every 10 epochs of CIFAR-10's 50,000
+        print(f"{run}: grid of 64 images sampled at {steps_per_s:.1f} steps/s: a preset grid (1,000 steps) "
+              f"{grid_s:.1f} s against {between_s:.1f} s of training between grids ({100 * grid_s / (grid_s + between_s):.1f}% of the run)")
 EOF2
 fi
 
 if want cifar_tests; then
-    part "10. CUDA tests: device data, no host synchronisation between logging steps"
-    timeout 180 python3 -m pytest -q -rs tests/test_device_data.py tests/test_train.py tests/test_cuda_graph_step.py \
-        -k "cuda or wait_for_the_gpu or graph" 2>&1 | tail -5 | tee "$OUT/cuda-tests.txt"
+    part "9. CUDA tests: device data, no host synchronisation between logging steps, --cuda_graph (torchrun too)"
+    timeout -k 20 "$(limit 240)" python3 -m pytest -q -rs tests/test_device_data.py tests/test_train.py \
+        tests/test_cuda_graph_step.py -k "cuda or wait_for_the_gpu or graph" 2>&1 | tail -8 | tee "$OUT/cuda-tests.txt"
+fi
+
+if want speed2; then
+    seconds=$(limit 100000)
+    part "10. benchmarks/speed2_gpu.sh (issue 10) within ${seconds}s"
+    if [ "$seconds" = 0 ]; then echo "skipped: the budget of ${BUDGET}s is spent"
+    else OUT="$OUT/speed2" BUDGET="$seconds" bash benchmarks/speed2_gpu.sh; fi
 fi
 
 part "done"
-cat "$OUT"/*.md "$OUT"/*.txt
+cat "$OUT"/*.md "$OUT"/*.txt 2> /dev/null
