@@ -29,7 +29,8 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 BATCH=${BATCH:-64}
 BUDGET=${BUDGET:-100000}
 CIFAR_STEPS=${CIFAR_STEPS:-300}  # train.py steps of each CIFAR loop run (8)
-CIFAR_RUNS=${CIFAR_RUNS:-"compiled_graph ddp_compiled_graph graph"}  # any of eager, compiled, graph, compiled_graph, ddp_*
+# each one of eager, compiled, graph, compiled_graph; ddp_ before it: under torchrun; +flag after it: --flag too
+CIFAR_RUNS=${CIFAR_RUNS:-"compiled_graph ddp_compiled_graph graph"}
 VARIANTS=${VARIANTS:-eager,compile,compile_reduce_overhead,cuda_graph,compile_cuda_graph}  # train_step_gpu.py's (7)
 VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-110}  # seconds each of them may take, compiling included
 PARTS=${PARTS:-"cifar_loop cifar_tests speed2"}
@@ -127,6 +128,8 @@ if want cifar_loop; then
         [[ $run == ddp_* ]] && launch=(torchrun --standalone --nproc_per_node=1)
         [[ $run == *compiled* ]] && extra+=(--compile) own=200  # a cold compile of this UNet took 94 s on an H100
         [[ $run == *graph* ]] && extra+=(--cuda_graph)
+        IFS=+ read -ra more <<< "${run#*+}"  # compiled_graph+fast_norm+channels_last: more flags
+        [[ $run == *+* ]] && extra+=("${more[@]/#/--}")
         seconds=$(limit $own)
         if [ "$seconds" = 0 ]; then echo "$run: skipped, the budget of ${BUDGET}s is spent"; continue; fi
         rm -rf "/tmp/cifar-$run"
