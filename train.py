@@ -145,10 +145,13 @@ def main(argv=None) -> None:
     model = torch.compile(unet, options=layout) if args.compile else unet
     graph_stream = recording_stream(device) if args.cuda_graph else None
     if ctx.is_distributed:
-        # under --cuda_graph, DDP is built on the stream that records the step (ddpm/cuda_graph_step.py)
+        # under --cuda_graph, DDP is built on the stream that records the step (ddpm/cuda_graph_step.py), after the
+        # weights are written and before anything else reads them (DDP broadcasts rank 0's weights)
+        if graph_stream is not None:
+            graph_stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(graph_stream):  # None: no-op
             model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-        if graph_stream is not None:  # its broadcast of rank 0's weights before anything else touches them
+        if graph_stream is not None:
             torch.cuda.current_stream(device).wait_stream(graph_stream)
     # fused: one kernel for all parameters; on 2 CPU threads the quickstart step ran 1.11x as fast as with foreach ops
     # (docs/quickstart.md, third search)
@@ -450,6 +453,8 @@ def main(argv=None) -> None:
     if logger is not None:
         logger.close()
     distributed.barrier(ctx)
+    if graph_step is not None:
+        graph_step.release()  # before the process group: a graph holding NCCL's collectives would hang its end
     distributed.cleanup(ctx)
     if hub_repo is not None:  # after the other ranks are released: an upload may take longer than --ddp_timeout
         hub_repo.wait()

@@ -21,7 +21,8 @@ Under torchrun the graph records DDP's gradient all-reduce too (NCCL collectives
 as PyTorch's CUDA notes ("Usage with DistributedDataParallel") prescribe: DDP is built on the stream that runs the
 warm-up and records the graph (train.py builds it on `recording_stream`), and the warm-up runs DDP_WARMUP_STEPS
 eager steps, past the 10 first iterations in which DDP's reducer times itself with host synchronisations. Every
-rank records and replays the same graph at the same step, so the collectives pair up as in eager steps.
+rank records and replays the same graph at the same step, so the collectives pair up as in eager steps. At the end
+train.py releases the graph before the process group: one holding NCCL's collectives would keep it from closing.
 
 Not with: gradient accumulation, fp16 (GradScaler's skipped steps are decided on the host), gradient checkpointing
 (it reads the RNG state on the host): train_args.check_cuda_graph refuses each with one line. On a CPU (the tests)
@@ -40,7 +41,9 @@ from .loss import diffusion_loss
 from .scheduler import DDPMScheduler
 
 WARMUP_STEPS = 3  # eager steps before the capture (PyTorch's CUDA graphs notes warm up with 3)
-DDP_WARMUP_STEPS = 11  # under DDP ("Your warmup must run at least 11 DDP-enabled eager iterations before capture")
+# under DDP, one more than the notes' "at least 11 DDP-enabled eager iterations": DDP's reducer times its iterations
+# 1-10 with host synchronisations (Reducer::should_collect_runtime_stats), which must not fall in the recording
+DDP_WARMUP_STEPS = 12
 
 
 def recording_stream(device: torch.device) -> torch.cuda.Stream | None:
@@ -106,6 +109,14 @@ class CudaGraphStep:
                 self._step()
             self.graph = graph
             self.graph.replay()  # recording ran nothing: this is the step
+
+    def release(self) -> None:
+        """Free the graph. Under torchrun, before the process group is destroyed: a graph that recorded NCCL
+        collectives holds on to the communicator, and destroying it waits for the graph (pytorch/pytorch#115388)."""
+        if self.graph is not None:
+            torch.cuda.synchronize(self.device)
+            self.graph.reset()
+            self.graph = None
 
     def _step(self) -> None:
         """Algorithm 1, lines 3-5, and the update: what the graph records."""
