@@ -17,6 +17,9 @@
 # 9 without the --cuda_graph tests. The next lease runs the default PARTS ("cifar_loop cifar_tests speed2": the
 # 5,400 images/s goal's run first, then its tests, then issue 10) with BUDGET = the seconds the lease leaves:
 #   OUT=results-dir BUDGET=600 bash benchmarks/gpu_check.sh   (diffusers must be importable: the lease's wheels)
+# The device machine has no diffusers: fetch its wheels here (`pip download --no-deps diffusers==0.42.1
+# importlib_metadata -d .whl`, .whl in .git/info/exclude), carry .whl, and begin the device command with
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 # PARTS picks groups: tutorial (1-6, ~9 min), cifar_step (7, at most 9.5 min), cifar_loop (8, ~4.5 min at 300
 # steps and the default runs), cifar_tests (9, ~2 min), speed2 (10, up to 8 min); PARTS=all runs all but speed2.
 # Each part has its own time limit, cut to what is left of $BUDGET (a part that would get under 30 s is skipped
