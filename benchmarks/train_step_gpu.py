@@ -27,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # ddpm from this checkout
 from ddpm import DDPMScheduler, UNet2DModel  # noqa: E402
+from ddpm.cuda_graph_step import CudaGraphStep  # noqa: E402
 from ddpm.ema import EMA  # noqa: E402
 from ddpm.loss import diffusion_loss  # noqa: E402
 from ddpm.presets import CIFAR10_UNET  # noqa: E402
@@ -45,9 +46,12 @@ VARIANTS = {  # name: (what it is, needs CUDA)
     "compile": ("torch.compile(unet)", False),
     "compile_reduce_overhead": ('torch.compile(unet, mode="reduce-overhead"): CUDA graphs of forward and backward',
                                 True),
-    "cuda_graph": ("the whole step in one torch.cuda.graph, eager kernels", True),
-    "compile_cuda_graph": ("the whole step in one torch.cuda.graph around torch.compile(unet)", True),
+    "cuda_graph": ("the whole step in one torch.cuda.graph, eager kernels (train.py --cuda_graph's CudaGraphStep)",
+                   True),
+    "compile_cuda_graph": ("the whole step in one torch.cuda.graph around torch.compile(unet) (CudaGraphStep)",
+                           True),
 }
+GRAPHED = ("cuda_graph", "compile_cuda_graph")  # through ddpm/cuda_graph_step.py, as train.py --cuda_graph
 H100_SXM_BF16_TFLOPS = 989.0  # dense, no sparsity
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -55,7 +59,8 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a tiny UNet at 16x16, batch 4, few steps")
+    p.add_argument("--quick", action="store_true", help="a tiny UNet at 16x16, batch 4, few steps (on the CPU the "
+                   "graph variants run their step uncaptured: a check of this script, not of a graph)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="autocast dtype (default: bf16 on CUDA, "
                                                                         "fp32 on the CPU)")
@@ -107,7 +112,7 @@ def train_flops_per_image(config: dict) -> float:
 
 def measure(args) -> dict:
     device, variant = torch.device(args.device), args.variant
-    graphed = variant in ("cuda_graph", "compile_cuda_graph")
+    graphed = variant in GRAPHED
     config = unet_config(args)
     torch.manual_seed(0)
     unet = UNet2DModel(**config).to(device).train()
@@ -118,66 +123,46 @@ def measure(args) -> dict:
     size, batch = config["sample_size"], args.batch_size
     x0 = torch.rand(batch, config.get("in_channels", 3), size, size, device=device) * 2 - 1
     noise, timesteps = torch.empty_like(x0), torch.empty(batch, dtype=torch.long, device=device)
-    cuda = device.type == "cuda"
-    # a device tensor under a graph: a Python float would be captured as a constant
-    lr = torch.tensor(2e-4, device=device) if graphed else 2e-4
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.0, fused=cuda,
-                                  foreach=None if cuda else True, capturable=graphed)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=2e-4, betas=(0.9, 0.999), weight_decay=0.0, fused=True,
+                                  capturable=graphed)  # as train.py's
     ema = EMA(unet, max_decay=0.9999)
-    parameters = list(unet.parameters())
-    shadow = [ema.shadow[name] for name, _ in unet.named_parameters()]
-    one_minus_decay = torch.ones((), device=device)
     loss_sum = torch.zeros((), device=device)
     dtype = DTYPES[args.dtype]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
-    def step() -> None:
-        # Algorithm 1: eps ~ N(0, I) and t ~ Uniform({0, ..., T-1}), into the static buffers
+    def draw() -> None:
+        # Algorithm 1: eps ~ N(0, I) and t ~ Uniform({0, ..., T-1}), drawn on the device
         noise.normal_()
         timesteps.random_(0, scheduler.config["num_train_timesteps"])
+
+    def step() -> None:
+        """train.py's eager step."""
+        draw()
         with autocast:
             loss = diffusion_loss(model, scheduler, x0, noise, timesteps)
         loss.backward()
         loss_sum.add_(loss.detach())
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
-        if graphed:  # EMA.update's arithmetic, its decay read from a device tensor
-            difference = torch._foreach_sub(shadow, parameters)
-            torch._foreach_mul_(difference, one_minus_decay)
-            torch._foreach_sub_(shadow, difference)
-        else:
-            ema.update(unet)
-            optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
+        ema.update(unet)
+
+    # train.py --cuda_graph's step: eager on a side stream for its first calls, then recorded once and replayed
+    graph_step = CudaGraphStep(model, unet, scheduler, optimizer, ema, dtype, None, 1.0, loss_sum,
+                               torch.zeros((), dtype=torch.bool, device=device)) if graphed else None
 
     def graphed_step() -> None:
-        ema.optimization_step += 1
-        one_minus_decay.fill_(1 - ema.get_decay(ema.optimization_step))
-        optimizer.param_groups[0]["lr"].fill_(2e-4)  # where train.py's LR schedule would write
-        graph.replay()
+        draw()
+        graph_step(x0, noise, timesteps)
 
     def compiled_graphs_step() -> None:
         torch.compiler.cudagraph_mark_step_begin()  # the outputs of the last step may be overwritten now
         step()
 
+    run = graphed_step if graphed else compiled_graphs_step if variant == "compile_reduce_overhead" else step
     start = time.perf_counter()
-    if graphed:
-        # warm up on a side stream (compiling, cuDNN and optimizer state), then capture one step; the gradients
-        # are None at capture, so each replay writes them afresh instead of accumulating
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(args.warmup):
-                step()
-                optimizer.zero_grad(set_to_none=True)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        run = graphed_step
-    else:
-        run = compiled_graphs_step if variant == "compile_reduce_overhead" else step
-        for _ in range(args.warmup):
-            run()
+    for _ in range(args.warmup):
+        run()
     synchronize(device)
     warmup_s = time.perf_counter() - start
 
@@ -206,7 +191,7 @@ def synchronize(device: torch.device) -> None:
 
 def run_variant(args, variant: str) -> dict | str:
     """The variant's measurement from a child process, or why there is none."""
-    if VARIANTS[variant][1] and args.device != "cuda":
+    if VARIANTS[variant][1] and args.device != "cuda" and not (args.quick and variant in GRAPHED):
         return "skipped: needs CUDA (CUDA graphs)"
     argv = [sys.executable, __file__, "--variant", variant, "--device", args.device, "--dtype", args.dtype,
             "--batch_size", str(args.batch_size), "--warmup", str(args.warmup), "--steps", str(args.steps),
