@@ -173,7 +173,7 @@ fi
 
 if want cifar_tests; then
     part "9. CUDA tests: device data, no host synchronisation between logging steps, --cuda_graph (torchrun too)"
-    # the GPU tests (8 + 2 of FastUNet's graph, which --cuda_graph's sample grids use); the rest are CPU tests
+    # the GPU tests, FastUNet's too (--cuda_graph draws its sample grids through it); the rest are CPU tests
     timeout -k 20 "$(limit 240)" python3 -m pytest -q -rs tests/test_device_data.py tests/test_train.py \
         tests/test_cuda_graph_step.py tests/test_fast_sampling.py -k "cuda or wait_for_the_gpu or graph" 2>&1 \
         | tail -12 | tee "$OUT/cuda-tests.txt"
