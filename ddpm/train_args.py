@@ -106,10 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
              "a preset may turn it on for GPUs, where it measured faster (cifar10-32: 1.14x the images/s on an H100)")
     add("--cuda_graph", action="store_true",
         help="capture the whole training step (forward, backward, clipping, AdamW, EMA) as one CUDA graph and replay "
-             "it, after 3 eager steps, and the sample grids' denoising forward too, in the training precision: for "
-             "small kernels, e.g. the CIFAR-10 UNet (its model step 2.2x as fast on an "
-             "H100 eager, 3.1x with --compile); under torchrun with DDP's all-reduce inside the graph; not with "
-             "gradient accumulation, fp16 or gradient checkpointing")
+             "it, after 3 eager steps (12 under torchrun, where DDP's all-reduce is recorded too), and the sample "
+             "grids' denoising forward too, in the training precision: for small kernels, e.g. the CIFAR-10 UNet (its "
+             "model step 2.2x as fast on an H100 eager, 3.1x with --compile); not with gradient accumulation, fp16 or "
+             "gradient checkpointing")
     add("--score_images", type=int, default=0,
         help="on the built-in data: the shapes score of this many samples at the end, drawn as the grids are")
     add("--eval_bpd_images", type=int, default=0,
