@@ -33,7 +33,7 @@ BATCH=${BATCH:-64}
 BUDGET=${BUDGET:-100000}
 CIFAR_STEPS=${CIFAR_STEPS:-300}  # train.py steps of each CIFAR loop run (8)
 # each one of eager, compiled, graph, compiled_graph; ddp_ before it: under torchrun; +flag after it: --flag too
-CIFAR_RUNS=${CIFAR_RUNS:-"compiled_graph ddp_compiled_graph graph"}
+CIFAR_RUNS=${CIFAR_RUNS:-"compiled_graph ddp_compiled_graph compiled_graph+fast_norm"}
 VARIANTS=${VARIANTS:-eager,compile,compile_reduce_overhead,cuda_graph,compile_cuda_graph}  # train_step_gpu.py's (7)
 VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-110}  # seconds each of them may take, compiling included
 PARTS=${PARTS:-"cifar_loop cifar_tests speed2"}
