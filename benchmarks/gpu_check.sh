@@ -6,23 +6,25 @@
 #   4. benchmark.py as 1 with --compile (training only: each measurement compiles anew); 5. train.py as 2 with --compile; 6. benchmark.py as 1 with --channels_last
 # The CIFAR-10 UNet (issue 9), batch 128, bf16 (the cifar10-32 preset's default on a GPU), built-in data at 32 px:
 #   7. train_step_gpu.py: the model step eager, compiled, reduce-overhead, and as one CUDA graph (eager, compiled)
-#   8. train.py --preset cifar10-32, $CIFAR_STEPS steps, each of $CIFAR_RUNS: the whole loop, images on the GPU
+#   8. the CUDA tests: device batches equal the CPU DataLoader's, no host synchronisation between logging steps,
+#      --cuda_graph trains as without, resumes exactly, and under torchrun records DDP's all-reduce
+#   9. train.py --preset cifar10-32, $CIFAR_STEPS steps, each of $CIFAR_RUNS: the whole loop, images on the GPU
 #      (--device_data); a run named ddp_X is X under torchrun --nproc_per_node=1, right after X: DDP's overhead on
 #      the same card. Each run ends with a grid of the preset's 64 images (100 steps): its sampling rate gives the
 #      cost of the preset's grids (1,000 steps every 10 epochs) against the training between them.
-#   9. the CUDA tests: device batches equal the CPU DataLoader's, no host synchronisation between logging steps,
-#      --cuda_graph trains as without, resumes exactly, and under torchrun records DDP's all-reduce
 #   10. benchmarks/speed2_gpu.sh (issue 10: the tutorial UNet's fast paths) with what is left of $BUDGET
-# Measured on an H100 on 2026-11-28 (docs/benchmarks.md): 7 (but reduce-overhead), 8 eager, compiled and ddp_eager,
-# 9 without the --cuda_graph tests. The next lease runs the default PARTS ("cifar_loop cifar_tests speed2": the
-# 5,400 images/s goal's run first, then its tests, then issue 10) within BUDGET seconds (default 540, for a call
-# of the device tool, which allows 600; lower it to what the lease has left):
+# Measured on an H100 on 2026-11-28 (docs/benchmarks.md): 7 (but reduce-overhead), 8 without the --cuda_graph
+# tests, 9 eager, compiled and ddp_eager. The next lease runs the default PARTS ("cifar_tests cifar_loop speed2":
+# the tests of --cuda_graph, whose results say whether the numbers after them mean anything, then the 5,400
+# images/s goal's runs, then issue 10) within BUDGET seconds (default 540, for a call of the device tool, which
+# allows 600; lower it to what the lease has left). Everything written comes back as $OUT/results.tar.gz:
 #   OUT=results-dir BUDGET=540 bash benchmarks/gpu_check.sh   (diffusers must be importable: the lease's wheels)
 # The device machine has no diffusers: fetch its wheels here (`pip download --no-deps diffusers==0.42.1
 # importlib_metadata -d .whl`, .whl in .git/info/exclude), carry .whl, and begin the device command with
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
-# PARTS picks groups: tutorial (1-6, ~9 min), cifar_step (7, at most 9.5 min), cifar_loop (8, ~4.5 min at 300
-# steps and the default runs), cifar_tests (9, ~2 min), speed2 (10, up to 8 min); PARTS=all runs all but speed2.
+# PARTS picks groups, run in this order: tutorial (1-6, ~9 min), cifar_step (7, at most 9.5 min), cifar_tests (8,
+# ~2 min), cifar_loop (9, ~4.5 min at 300 steps and the default runs), speed2 (10, up to 8 min); PARTS=all runs all
+# but speed2.
 # Each command has its own time limit, cut to what is left of $BUDGET (one that would get under 30 s is skipped
 # and says so), but part 3's two 25-s runs; logs go to $OUT.
 set -u
@@ -32,13 +34,13 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # benchmarks/benchmark.py i
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 BATCH=${BATCH:-64}
 BUDGET=${BUDGET:-540}  # within the device tool's 600 s per call
-CIFAR_STEPS=${CIFAR_STEPS:-300}  # train.py steps of each CIFAR loop run (8)
+CIFAR_STEPS=${CIFAR_STEPS:-300}  # train.py steps of each CIFAR loop run (9)
 # each one of eager, compiled, graph, compiled_graph; ddp_ before it: under torchrun; +flag after it: --flag too
 CIFAR_RUNS=${CIFAR_RUNS:-"compiled_graph ddp_compiled_graph compiled_graph+fast_norm"}
 VARIANTS=${VARIANTS:-eager,compile,compile_reduce_overhead,cuda_graph,compile_cuda_graph}  # train_step_gpu.py's (7)
 VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-110}  # seconds each of them may take, compiling included
-PARTS=${PARTS:-"cifar_loop cifar_tests speed2"}
-[ "$PARTS" = all ] && PARTS="tutorial cifar_step cifar_loop cifar_tests"
+PARTS=${PARTS:-"cifar_tests cifar_loop speed2"}
+[ "$PARTS" = all ] && PARTS="tutorial cifar_step cifar_tests cifar_loop"
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 TRAIN=(train.py --preset butterflies-128 --builtin_data --mixed_precision bf16 --train_batch_size "$BATCH"
        --use_ema --dataloader_num_workers 4 --logging_steps 10 --ddpm_num_inference_steps 20
@@ -132,19 +134,31 @@ if want cifar_step; then
         | tee "$OUT/cifar-step.log" | grep -v Warning
 fi
 
+if want cifar_tests; then
+    part "8. CUDA tests: device data, no host synchronisation between logging steps, --cuda_graph (torchrun too)"
+    # the GPU tests, FastUNet's too (--cuda_graph draws its sample grids through it); the rest are CPU tests
+    # -rfEs: the FAILED and ERROR lines and the skips' reasons; the whole output in cuda-tests.log
+    budgeted 180 python3 -m pytest -q -rfEs --tb=short tests/test_device_data.py tests/test_train.py \
+        tests/test_cuda_graph_step.py tests/test_fast_sampling.py -k "cuda or wait_for_the_gpu or graph" 2>&1 \
+        | tee "$OUT/cuda-tests.log" | tail -40
+fi
+
 if want cifar_loop; then
-    part "8. train.py --preset cifar10-32 --builtin_data, $CIFAR_STEPS steps: $CIFAR_RUNS"
+    part "9. train.py --preset cifar10-32 --builtin_data, $CIFAR_STEPS steps: $CIFAR_RUNS"
     for run in $CIFAR_RUNS; do
         launch=(python3) extra=() own=120
         [[ $run == ddp_* ]] && launch=(torchrun --standalone --nproc_per_node=1)
-        [[ $run == *compiled* ]] && extra+=(--compile) own=200  # a cold compile of this UNet took 94 s on an H100
+        if [[ $run == *compiled* ]]; then extra+=(--compile) own=200  # a cold compile of this UNet took 94 s on an H100
+        else extra+=(--no-compile); fi  # the preset compiles on a GPU by itself
         [[ $run == *graph* ]] && extra+=(--cuda_graph)
         IFS=+ read -ra more <<< "${run#*+}"  # compiled_graph+fast_norm+channels_last: more flags
         [[ $run == *+* ]] && extra+=("${more[@]/#/--}")
         rm -rf "/tmp/cifar-$run"
-        budgeted "$own" "${launch[@]}" "${CIFAR[@]}" "${extra[@]}" --output_dir "/tmp/cifar-$run" \
-            > "$OUT/cifar-$run.log" 2>&1
-        echo "$run (${extra[*]}): exit code $?"; grep -aE "parameters|rror|skipped" "$OUT/cifar-$run.log" | head -3
+        log="$OUT/cifar-${run//+/_}.log"  # the device tool returns names of letters, digits, '.', '_' and '-' only
+        budgeted "$own" "${launch[@]}" "${CIFAR[@]}" "${extra[@]}" --output_dir "/tmp/cifar-$run" > "$log" 2>&1
+        code=$?
+        echo "$run (${extra[*]}): exit code $code"; grep -aE "parameters|rror|skipped" "$log" | head -3
+        [ "$code" != 0 ] && tr '\r' '\n' < "$log" | grep -av "it/s\|s/it" | tail -25  # what went wrong, here
         loop_rate "/tmp/cifar-$run" | tee -a "$OUT/cifar-loop.txt"
     done
     python3 - "$OUT" $CIFAR_RUNS <<'EOF2' | tee -a "$OUT/cifar-loop.txt"
@@ -160,7 +174,7 @@ for run in runs:
         print(f"DDP overhead, {run[4:]} (torchrun --nproc_per_node=1 against a plain run, same card): "
               f"{100 * (1 - rate(run) / rate(run[4:])):.1f}% ({rate(run):.1f} against {rate(run[4:]):.1f} images/s)")
     # the last sampling bar of the run's final grid (64 images, 100 steps): the preset's grid is 1,000 steps
-    log = (out / f"cifar-{run}.log").read_text(errors="replace")
+    log = (out / f"cifar-{run.replace('+', '_')}.log").read_text(errors="replace")
     bars = re.findall(r"sampling: +\d+%[^\r\n]*?, ([0-9.]+)(s/it|it/s)\]", log)
     if bars and rate(run):
         steps_per_s = float(bars[-1][0]) if bars[-1][1] == "it/s" else 1 / float(bars[-1][0])
@@ -168,14 +182,6 @@ for run in runs:
         print(f"{run}: grid of 64 images sampled at {steps_per_s:.1f} steps/s: a preset grid (1,000 steps) "
               f"{grid_s:.1f} s against {between_s:.1f} s of training between grids ({100 * grid_s / (grid_s + between_s):.1f}% of the run)")
 EOF2
-fi
-
-if want cifar_tests; then
-    part "9. CUDA tests: device data, no host synchronisation between logging steps, --cuda_graph (torchrun too)"
-    # the GPU tests, FastUNet's too (--cuda_graph draws its sample grids through it); the rest are CPU tests
-    budgeted 240 python3 -m pytest -q -rs tests/test_device_data.py tests/test_train.py \
-        tests/test_cuda_graph_step.py tests/test_fast_sampling.py -k "cuda or wait_for_the_gpu or graph" 2>&1 \
-        | tail -12 | tee "$OUT/cuda-tests.txt"
 fi
 
 if want speed2; then
@@ -187,3 +193,9 @@ fi
 
 part "done"
 cat "$OUT"/*.md "$OUT"/*.txt 2> /dev/null
+# the device tool brings back at most 8 files from its $OUT: every log, table and the CIFAR runs' TensorBoard logs
+# in one archive (tar -xzf results.tar.gz)
+for run in $CIFAR_RUNS; do [ -d "/tmp/cifar-$run/logs" ] && mkdir -p "$OUT/tensorboard" \
+    && cp -r "/tmp/cifar-$run/logs" "$OUT/tensorboard/${run//+/_}"; done
+(cd "$OUT" && find . -type f ! -name results.tar.gz -print0 | tar -czf results.tar.gz --null -T - --remove-files \
+    && find . -mindepth 1 -type d -empty -delete && ls -l results.tar.gz)

@@ -58,6 +58,7 @@ class FastUNet(nn.Module):
                 self.denoise(static_sample, static_timestep)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: a DataLoader's pin-memory thread may call CUDA while this thread records (as in train.py)
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             static_output = self.denoise(static_sample, static_timestep)
         return graph, static_sample, static_timestep, static_output
