@@ -23,7 +23,7 @@
 # importlib_metadata -d .whl`, .whl in .git/info/exclude), carry .whl, and begin the device command with
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 # PARTS picks groups, run in this order: tutorial (1-6, ~9 min), cifar_step (7, at most 9.5 min), cifar_tests (8,
-# ~2 min), cifar_loop (9, ~4.5 min at 300 steps and the default runs), speed2 (10, up to 8 min); PARTS=all runs all
+# ~2 min), cifar_loop (9, ~6 min at 300 steps and the default runs), speed2 (10, up to 8 min); PARTS=all runs all
 # but speed2.
 # Each command has its own time limit, cut to what is left of $BUDGET (one that would get under 30 s is skipped
 # and says so), but part 3's two 25-s runs; logs go to $OUT.
@@ -36,7 +36,7 @@ BATCH=${BATCH:-64}
 BUDGET=${BUDGET:-540}  # within the device tool's 600 s per call
 CIFAR_STEPS=${CIFAR_STEPS:-300}  # train.py steps of each CIFAR loop run (9)
 # each one of eager, compiled, graph, compiled_graph; ddp_ before it: under torchrun; +flag after it: --flag too
-CIFAR_RUNS=${CIFAR_RUNS:-"compiled_graph ddp_compiled_graph compiled_graph+fast_norm"}
+CIFAR_RUNS=${CIFAR_RUNS:-"compiled_graph ddp_compiled_graph compiled_graph+channels_last compiled_graph+fast_norm"}
 VARIANTS=${VARIANTS:-eager,compile,compile_reduce_overhead,cuda_graph,compile_cuda_graph}  # train_step_gpu.py's (7)
 VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-110}  # seconds each of them may take, compiling included
 PARTS=${PARTS:-"cifar_tests cifar_loop speed2"}

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Speed II (issue 10) on one H100: training the tutorial UNet at 128x128 in bf16, compiled, with the fast paths.
-#   1. benchmark.py --compile --fast_norm, batch $BATCH: ddpm with its fast norm, compiled, against diffusers
-#      compiled, in one process
-#   2. benchmark.py --compile ddpm --fast_norm --channels_last --force_layout_opt, batch $BATCH (diffusers eager)
-#   3. the faster of 1 and 2 (ddpm's images/s), ddpm compiled, at batch $BIG_BATCH, with --profile 30: the
-#      final step's top kernels
-#   4. train.py with the flags of 3, $STEPS steps at batch $BIG_BATCH: the whole loop against 3
-# EXTRA=1 adds (for a second lease: up to 10 more minutes) ddpm compiled without the fast norm, then on the flags
-# of 3: cuDNN autotuning, CUDA graphs (reduce-overhead), foreach instead of fused AdamW, batch 256, max-autotune.
-# Estimate on an H100: about 7.5 minutes (five cold compiles of about a minute, two in 1); never more than $BUDGET
-# seconds (default 480): each part gets at most what is left of it, so a slow compile cuts the later parts short.
+#   1. benchmark.py --compile, batch $BATCH: ddpm compiled against diffusers compiled, in one process
+#   2. benchmark.py --compile ddpm --channels_last --force_layout_opt, batch $BATCH (diffusers eager)
+#   3. benchmark.py --compile ddpm --fast_norm, with the layout of the faster of 1 and 2
+#   4. the fastest of 1-3 (ddpm's images/s) at batch $BIG_BATCH, with --profile 30: the final step's top kernels
+#   5. train.py with the flags of 4, $STEPS steps at batch $BIG_BATCH: the whole loop against 4
+# In that order of priority: each part gets at most what is left of $BUDGET seconds (default 480), so a slow compile
+# cuts the later parts short; all five take about 10 minutes on an H100 (a cold compile of this UNet is 1-2 minutes),
+# more than one call of the device tool. (--fast_norm is third, not first: on
+# the CPU backend Inductor already writes torch's GroupNorm's fp32 output as bf16 in the kernel it fuses with the
+# SiLU, and the fast norm's backward allocated 1.75x the activation bytes: docs/benchmarks.md.)
+# EXTRA=1 adds (for a second lease: up to 10 more minutes), on the flags of 4: cuDNN autotuning, CUDA graphs
+# (reduce-overhead), foreach instead of fused AdamW, batch 256, max-autotune.
 # Usage: OUT=results-dir bash benchmarks/speed2_gpu.sh   (diffusers must be importable: see the lease's wheels)
 # On a CPU, to check that each command runs (inductor builds C++: slow; a quickstart model for train.py):
 #   DEVICE=cpu CONFIG=small BATCH=2 BIG_BATCH=4 PRESET=quickstart STEPS=20 BUDGET=7200 LIMIT_SCALE=8 \
@@ -78,24 +80,28 @@ if command -v nvidia-smi > /dev/null; then
 fi
 "$PYTHON" -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
 
-FAST=(--fast_norm)
-CHANNELS_LAST=(--fast_norm --channels_last --force_layout_opt)
-bench fast_norm 210 --batch_size "$BATCH" --compile "${FAST[@]}"
-bench channels_last 130 --batch_size "$BATCH" --compile ddpm "${CHANNELS_LAST[@]}"
+# faster(A B): whether ddpm's images/s in part B's table beat part A's
+faster() { awk -v a="$(rate "$1")" -v b="$(rate "$2")" 'BEGIN { exit !(b > a) }'; }
 
-fast=$(rate fast_norm) channels_last=$(rate channels_last)
-part "ddpm images/s at batch $BATCH: fast_norm $fast, fast_norm + channels_last + forced layout $channels_last"
-if awk -v a="$fast" -v b="$channels_last" 'BEGIN { exit !(b > a) }'; then
-    BEST=("${CHANNELS_LAST[@]}") TRAIN_FLAGS=(--fast_norm --channels_last)  # train.py forces the layout itself
+bench plain 240 --batch_size "$BATCH" --compile
+bench channels_last 150 --batch_size "$BATCH" --compile ddpm --channels_last --force_layout_opt
+if faster plain channels_last; then
+    LAYOUT=(--channels_last --force_layout_opt) TRAIN_FLAGS=(--channels_last)  # train.py forces the layout itself
+    BEST=channels_last
 else
-    BEST=("${FAST[@]}") TRAIN_FLAGS=(--fast_norm)
+    LAYOUT=() TRAIN_FLAGS=() BEST=plain
 fi
-echo "flags kept: ${BEST[*]}"
+bench fast_norm 150 --batch_size "$BATCH" --compile ddpm ${LAYOUT[@]+"${LAYOUT[@]}"} --fast_norm
+if faster "$BEST" fast_norm; then
+    LAYOUT+=(--fast_norm) TRAIN_FLAGS+=(--fast_norm) BEST=fast_norm
+fi
+part "ddpm images/s at batch $BATCH: compiled $(rate plain), + channels_last and the forced layout \
+$(rate channels_last), + fast_norm $(rate fast_norm): kept ${LAYOUT[*]:-no flag}"
 
-bench best_big_batch 140 --batch_size "$BIG_BATCH" --compile ddpm "${BEST[@]}" --profile 30
+bench best_big_batch 140 --batch_size "$BIG_BATCH" --compile ddpm ${LAYOUT[@]+"${LAYOUT[@]}"} --profile 30
 
 seconds=$(limit 150)
-part "train.py --compile ${TRAIN_FLAGS[*]}, $STEPS steps at batch $BIG_BATCH"
+part "train.py --compile ${TRAIN_FLAGS[*]:-}, $STEPS steps at batch $BIG_BATCH"
 if [ "$seconds" = 0 ]; then
     echo "skipped: the budget of ${BUDGET}s is spent"
 else
@@ -103,7 +109,7 @@ else
     timeout -k 20 "$seconds" "$PYTHON" train.py --preset "$PRESET" --builtin_data --device "$DEVICE" --mixed_precision bf16 \
         --train_batch_size "$BIG_BATCH" --use_ema --dataloader_num_workers 4 --logging_steps 10 \
         --ddpm_num_inference_steps 20 --checkpointing_steps 100000 --max_train_steps "$STEPS" --compile \
-        "${TRAIN_FLAGS[@]}" --output_dir /tmp/speed2-loop > "$OUT/loop.log" 2>&1
+        ${TRAIN_FLAGS[@]+"${TRAIN_FLAGS[@]}"} --output_dir /tmp/speed2-loop > "$OUT/loop.log" 2>&1
     echo "exit code $? (limit ${seconds}s)"; tail -c 400 "$OUT/loop.log"; echo
     loop_rate /tmp/speed2-loop | tee "$OUT/loop.txt"
     echo "model only, the same flags and batch (3): $(rate best_big_batch) images/s" | tee -a "$OUT/loop.txt"
@@ -111,12 +117,11 @@ fi
 
 if [ "$EXTRA" = 1 ]; then
     BUDGET=$((BUDGET + 600))
-    bench no_fast_norm 120 --batch_size "$BATCH" --compile ddpm
-    bench cudnn_benchmark 120 --batch_size "$BATCH" --compile ddpm "${BEST[@]}" --cudnn_benchmark
-    bench cuda_graphs 120 --batch_size "$BATCH" --compile ddpm "${BEST[@]}" --compile_mode reduce-overhead
-    bench adamw_foreach 100 --batch_size "$BATCH" --compile ddpm "${BEST[@]}" --adamw foreach
-    bench batch_256 120 --batch_size 256 --compile ddpm "${BEST[@]}"
-    bench max_autotune 240 --batch_size "$BATCH" --compile ddpm "${BEST[@]}" --compile_mode max-autotune-no-cudagraphs
+    bench cudnn_benchmark 120 --batch_size "$BATCH" --compile ddpm ${LAYOUT[@]+"${LAYOUT[@]}"} --cudnn_benchmark
+    bench cuda_graphs 120 --batch_size "$BATCH" --compile ddpm ${LAYOUT[@]+"${LAYOUT[@]}"} --compile_mode reduce-overhead
+    bench adamw_foreach 100 --batch_size "$BATCH" --compile ddpm ${LAYOUT[@]+"${LAYOUT[@]}"} --adamw foreach
+    bench batch_256 120 --batch_size 256 --compile ddpm ${LAYOUT[@]+"${LAYOUT[@]}"}
+    bench max_autotune 240 --batch_size "$BATCH" --compile ddpm ${LAYOUT[@]+"${LAYOUT[@]}"} --compile_mode max-autotune-no-cudagraphs
 fi
 
 part "done"
