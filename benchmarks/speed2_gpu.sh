@@ -5,8 +5,9 @@
 #   3. benchmark.py --compile ddpm --fast_norm, with the layout of the faster of 1 and 2
 #   4. the fastest of 1-3 (ddpm's images/s) at batch $BIG_BATCH, with --profile 30: the final step's top kernels
 #   5. train.py with the flags of 4, $STEPS steps at batch $BIG_BATCH: the whole loop against 4
+#   6. benchmarks/norm_fusion.py on the GPU: Triton's kernels and buffers for torch's norm and the fast norm
 # In that order of priority: each part gets at most what is left of $BUDGET seconds (default 480), so a slow compile
-# cuts the later parts short; all five take about 10 minutes on an H100 (a cold compile of this UNet is 1-2 minutes),
+# cuts the later parts short; all six take about 11 minutes on an H100 (a cold compile of this UNet is 1-2 minutes),
 # more than one call of the device tool. (--fast_norm is third, not first: on
 # the CPU backend Inductor already writes torch's GroupNorm's fp32 output as bf16 in the kernel it fuses with the
 # SiLU, and the fast norm's backward allocated 1.75x the activation bytes: docs/benchmarks.md.)
@@ -123,6 +124,12 @@ if [ "$EXTRA" = 1 ]; then
     bench batch_256 120 --batch_size 256 --compile ddpm ${LAYOUT[@]+"${LAYOUT[@]}"}
     bench max_autotune 240 --batch_size "$BATCH" --compile ddpm ${LAYOUT[@]+"${LAYOUT[@]}"} --compile_mode max-autotune-no-cudagraphs
 fi
+
+seconds=$(limit 90)
+part "benchmarks/norm_fusion.py: what Inductor's Triton code does with GroupNorm under bf16 autocast"
+if [ "$seconds" = 0 ]; then echo "skipped: the budget of ${BUDGET}s is spent"
+else timeout -k 20 "$seconds" "$PYTHON" benchmarks/norm_fusion.py --device "$DEVICE" 2>&1 | grep -v Warning \
+    | tee "$OUT/norm_fusion.txt"; fi
 
 part "done"
 for table in "$OUT"/*.md; do echo "--- $table"; cat "$table"; done
