@@ -1,11 +1,14 @@
-"""What torch.compile makes of GroupNorm under bf16 autocast, with torch's norm and with ddpm's fast norm (issue 10).
+"""What GroupNorm costs under bf16 autocast, eager and compiled, with torch's norm and with ddpm's fast norm (issue 10).
 
-Autocast runs torch's GroupNorm in fp32: in eager mode its fp32 output is written to memory and cast back to bf16 by
-the next convolution. Under torch.compile that need not happen: Inductor may fuse the cast into the norm's kernel.
-This script compiles one ResnetBlock2D (norm, SiLU, conv, time embedding, norm, SiLU, conv, residual), runs its
-forward and backward once under bf16 autocast, and reads the code Inductor generated: how many fused kernels it
-has, and how many bytes its activation-sized buffers take (by dtype), per element of the block's activation. No
-timing: it runs on the CPU (Inductor's C++ backend) or on a GPU (Triton), where the counts may differ.
+Autocast runs torch's GroupNorm in fp32: in eager mode it casts the bf16 input up, writes an fp32 output, and the next
+convolution casts that back to bf16. The fast norm (`UNet2DModel.enable_fast_norm`) runs torch's kernel in the
+input's dtype instead. Under torch.compile neither need write fp32: Inductor may fuse the casts into the norm's kernel.
+This script builds one ResnetBlock2D (norm, SiLU, conv, time embedding, norm, SiLU, conv, residual), runs its forward
+and backward once under bf16 autocast, and counts, per pass:
+  eager     the aten ops run and the activation-sized tensors they write (a dispatch mode records them)
+  compiled  the fused kernels in the code Inductor generated and its activation-sized buffers
+with the bytes of those tensors per element of the block's activation. No timing: on the CPU the compiled rows are
+Inductor's C++ backend; on a GPU (--device cuda), Triton's, which may fuse differently.
 
     python benchmarks/norm_fusion.py [--device cuda] [--batch_size 8 --channels 64 --size 16]
 """
@@ -16,35 +19,66 @@ import re
 
 import torch
 from torch._inductor.utils import run_and_get_code
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ddpm.unet import GroupNorm, ResnetBlock2D
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # an allocation in Inductor's wrapper code: empty_strided_cpu((8, 64, 16, 16), (16384, 1, 1024, 64), torch.float32)
 ALLOCATION = re.compile(r"empty_strided_(?:cpu|cuda)\(\(([^)]*)\), \([^)]*\), torch\.(\w+)\)")
 KERNEL = re.compile(r"\b(cpp_fused_\w+|triton_\w+_fused_\w+)\b")
 
 
-def generated_code(args: argparse.Namespace, fast_norm: bool) -> list[str]:
-    """The forward's and the backward's generated code for one compiled ResnetBlock2D."""
+class AtenOps(TorchDispatchMode):
+    """Records each aten op run and the dtypes of its tensor outputs of `elements` elements."""
+
+    def __init__(self, elements: int):
+        super().__init__()
+        self.elements, self.ops, self.written = elements, 0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops += 1
+        outputs = out if isinstance(out, (tuple, list)) else [out]
+        self.written += [t.dtype for t in outputs if isinstance(t, torch.Tensor) and t.numel() == self.elements]
+        return out
+
+
+def block_and_inputs(args: argparse.Namespace, fast_norm: bool):
     torch.manual_seed(0)
-    torch._dynamo.reset()
     block = ResnetBlock2D(args.channels, args.channels, 4 * args.channels, 8, 1e-5, 0.0).to(args.device)
     for module in block.modules():
         if isinstance(module, GroupNorm):
             module.fast = fast_norm
-    compiled = torch.compile(block)
     # bf16, as the convolution before the block writes it under autocast
     x = torch.randn(args.batch_size, args.channels, args.size, args.size, device=args.device, dtype=torch.bfloat16,
                     requires_grad=True)
-    temb = torch.randn(args.batch_size, 4 * args.channels, device=args.device)
+    return block, x, torch.randn(args.batch_size, 4 * args.channels, device=args.device)
+
+
+def eager_passes(args: argparse.Namespace, fast_norm: bool, elements: int) -> list[tuple[int, list[torch.dtype]]]:
+    block, x, temb = block_and_inputs(args, fast_norm)
+    with AtenOps(elements) as forward, torch.autocast(args.device, dtype=torch.bfloat16):
+        out = block(x, temb)
+    loss = out.float().square().mean()
+    with AtenOps(elements) as backward:
+        loss.backward()
+    return [(forward.ops, forward.written), (backward.ops, backward.written)]
+
+
+def compiled_passes(args: argparse.Namespace, fast_norm: bool, elements: int) -> list[tuple[int, list[str]]]:
+    torch._dynamo.reset()
+    block, x, temb = block_and_inputs(args, fast_norm)
+    compiled = torch.compile(block)
 
     def step():
         with torch.autocast(args.device, dtype=torch.bfloat16):
             out = compiled(x, temb)
         out.float().square().mean().backward()
 
-    return run_and_get_code(step)[1]
+    return [(len(set(KERNEL.findall(code))),
+             [getattr(torch, dtype) for shape, dtype in ALLOCATION.findall(code)
+              if math.prod(int(d) for d in shape.split(",") if d.strip()) == elements])
+            for code in run_and_get_code(step)[1]]
 
 
 def main() -> None:
@@ -56,19 +90,19 @@ def main() -> None:
     args = parser.parse_args()
     elements = args.batch_size * args.channels * args.size ** 2
     print(f"one ResnetBlock2D, {args.channels} channels, {args.size}x{args.size}, batch {args.batch_size}, bf16 "
-          f"autocast, torch.compile on {args.device}")
-    print("| norm | pass | fused kernels | activation-sized buffers | bytes per activation element |")
-    print("|---|---|---|---|---|")
-    for fast_norm in (False, True):
-        for name, code in zip(("forward", "backward"), generated_code(args, fast_norm)):
-            sized = {}
-            for shape, dtype in ALLOCATION.findall(code):
-                if math.prod(int(d) for d in shape.split(",") if d.strip()) == elements:
-                    sized[dtype] = sized.get(dtype, 0) + 1
-            size = sum(DTYPE_BYTES.get(dtype, 4) * count for dtype, count in sized.items())
-            buffers = ", ".join(f"{count} {dtype}" for dtype, count in sorted(sized.items()))
-            print(f"| {'fast (ddpm)' if fast_norm else 'torch'} | {name} | {len(set(KERNEL.findall(code)))} | "
-                  f"{buffers} | {size} |")
+          f"autocast, on {args.device}")
+    print("| mode | norm | pass | aten ops (eager) or fused kernels (compiled) | activation-sized tensors written "
+          "| bytes per activation element |")
+    print("|---|---|---|---|---|---|")
+    for mode, passes in (("eager", eager_passes), ("compiled", compiled_passes)):
+        for fast_norm in (False, True):
+            for name, (count, dtypes) in zip(("forward", "backward"), passes(args, fast_norm, elements)):
+                kinds = {dtype: dtypes.count(dtype) for dtype in dtypes}
+                written = ", ".join(f"{n} {str(dtype).removeprefix('torch.')}" for dtype, n in sorted(
+                    kinds.items(), key=str))
+                size = sum(dtype.itemsize for dtype in dtypes)
+                print(f"| {mode} | {'fast (ddpm)' if fast_norm else 'torch'} | {name} | {count} | {written} | "
+                      f"{size} |")
 
 
 if __name__ == "__main__":

@@ -5,12 +5,12 @@
 #   3. benchmark.py --compile ddpm --fast_norm, with the layout of the faster of 1 and 2
 #   4. the fastest of 1-3 (ddpm's images/s) at batch $BIG_BATCH, with --profile 30: the final step's top kernels
 #   5. train.py with the flags of 4, $STEPS steps at batch $BIG_BATCH: the whole loop against 4
-#   6. benchmarks/norm_fusion.py on the GPU: Triton's kernels and buffers for torch's norm and the fast norm
+#   6. benchmarks/norm_fusion.py on the GPU: eager ops and Triton's kernels, with torch's norm and the fast norm
 # In that order of priority: each part gets at most what is left of $BUDGET seconds (default 480), so a slow compile
 # cuts the later parts short; all six take about 11 minutes on an H100 (a cold compile of this UNet is 1-2 minutes),
 # more than one call of the device tool. (--fast_norm is third, not first: on
 # the CPU backend Inductor already writes torch's GroupNorm's fp32 output as bf16 in the kernel it fuses with the
-# SiLU, and the fast norm's backward allocated 1.75x the activation bytes: docs/benchmarks.md.)
+# SiLU: docs/benchmarks.md.)
 # EXTRA=1 adds (for a second lease: up to 10 more minutes), on the flags of 4: cuDNN autotuning, CUDA graphs
 # (reduce-overhead), foreach instead of fused AdamW, batch 256, max-autotune.
 # Usage: OUT=results-dir bash benchmarks/speed2_gpu.sh   (diffusers must be importable: see the lease's wheels)

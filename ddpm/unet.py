@@ -113,21 +113,18 @@ def rescale(x: torch.Tensor, factor: float) -> torch.Tensor:
 
 class GroupNorm(nn.GroupNorm):
     """torch's GroupNorm (Wu & He 2018), same parameters and state-dict names, with an opt-in path for
-    mixed precision (`fast`, set by UNet2DModel.enable_fast_norm): statistics in fp32, output in the
-    input's dtype, in plain tensor ops that torch.compile can fuse with its neighbours."""
+    mixed precision (`fast`, set by UNet2DModel.enable_fast_norm): torch's kernel run in the input's dtype,
+    which sums the statistics in fp32, so that a bf16 input gives a bf16 output instead of autocast's fp32."""
 
     fast = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fast:
             return super().forward(x)  # under autocast on CUDA: fp32 in and out, whatever x's dtype
-        # y = (x - mean_g) / sqrt(var_g + eps) * gamma_c + beta_c; mean and biased variance over each
-        # group's channels and all positions. unflatten is a view in any memory layout (channels_last too)
-        groups = x.unflatten(1, (self.num_groups, -1)).float()
-        variance, mean = torch.var_mean(groups, dim=tuple(range(2, groups.dim())), correction=0, keepdim=True)
-        normalized = ((groups - mean) * torch.rsqrt(variance + self.eps)).flatten(1, 2)
-        per_channel = (-1,) + (1,) * (x.dim() - 2)
-        return (normalized * self.weight.view(per_channel) + self.bias.view(per_channel)).to(x.dtype)
+        # outside autocast, which would run it in fp32; gamma and beta in x's dtype too: one dtype for all three,
+        # which torch's kernels take on every device
+        with torch.autocast(x.device.type, enabled=False):
+            return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
 class TimestepEmbedding(nn.Module):
@@ -377,7 +374,8 @@ class UNet2DModel(nn.Module):
 
     def enable_fast_norm(self) -> None:
         """Every GroupNorm keeps its input's dtype (bf16 under autocast) with fp32 statistics, instead of
-        autocast's fp32 output; meant for torch.compile. Parameters, state dict and config are unchanged."""
+        autocast's fp32 output: one kernel in eager mode where autocast needs casts around an fp32 norm (under
+        torch.compile Inductor fuses those casts itself). Parameters, state dict and config are unchanged."""
         for module in self.modules():
             if isinstance(module, GroupNorm):
                 module.fast = True

@@ -103,14 +103,16 @@ def test_fast_group_norm_in_fp32_has_torch_group_norm_gradients(shape):
 
 
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
-def test_fast_group_norm_under_bf16_autocast_returns_bf16_within_one_bf16_step_of_the_fp32_norm(shape):
+def test_fast_group_norm_under_bf16_autocast_returns_bf16_within_twice_the_rounding_of_the_fp32_norm(shape):
     norm, x = fast_norm(), activations(shape).bfloat16()
     expected = F.group_norm(x.float(), norm.num_groups, norm.weight, norm.bias, norm.eps)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         actual = norm(x)
     assert actual.dtype == torch.bfloat16
-    # only the output is rounded to bf16: 8 significant bits
-    assert measured("fast GroupNorm bf16 vs fp32 statistics", relative_error(actual, expected)) <= 2**-8
+    # the best a bf16 output can do is the fp32 norm rounded once; gamma and beta rounded to bf16 add about as
+    # much again. Statistics summed in bf16 would not pass (2.7x on these inputs)
+    rounding = relative_error(expected.bfloat16(), expected)
+    assert measured("fast GroupNorm bf16, error / rounding error", relative_error(actual, expected) / rounding) <= 2
 
 
 def test_fast_group_norm_keeps_a_channels_last_input_channels_last():
