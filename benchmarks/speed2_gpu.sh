@@ -13,7 +13,8 @@
 # SiLU: docs/benchmarks.md.)
 # EXTRA=1 adds (for a second lease: up to 10 more minutes), on the flags of 4: cuDNN autotuning, CUDA graphs
 # (reduce-overhead), foreach instead of fused AdamW, batch 256, max-autotune.
-# Usage: OUT=results-dir bash benchmarks/speed2_gpu.sh   (diffusers must be importable: see the lease's wheels)
+# Usage: OUT=results-dir bash benchmarks/speed2_gpu.sh   (diffusers must be importable: see the lease's wheels);
+# on the device machine run it as PARTS=speed2 bash benchmarks/gpu_check.sh, which packs its ~12 files into one
 # On a CPU, to check that each command runs (inductor builds C++: slow; a quickstart model for train.py):
 #   DEVICE=cpu CONFIG=small BATCH=2 BIG_BATCH=4 PRESET=quickstart STEPS=20 BUDGET=7200 LIMIT_SCALE=8 \
 #       PYTHON=python OUT=/tmp/speed2 bash benchmarks/speed2_gpu.sh
@@ -126,7 +127,7 @@ if [ "$EXTRA" = 1 ]; then
 fi
 
 seconds=$(limit 90)
-part "benchmarks/norm_fusion.py: what Inductor's Triton code does with GroupNorm under bf16 autocast"
+part "benchmarks/norm_fusion.py: GroupNorm under bf16 autocast, eager ops and Inductor's kernels"
 if [ "$seconds" = 0 ]; then echo "skipped: the budget of ${BUDGET}s is spent"
 else timeout -k 20 "$seconds" "$PYTHON" benchmarks/norm_fusion.py --device "$DEVICE" 2>&1 | grep -v Warning \
     | tee "$OUT/norm_fusion.txt"; fi
