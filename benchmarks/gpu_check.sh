@@ -12,7 +12,8 @@
 #      (--device_data); a run named ddp_X is X under torchrun --nproc_per_node=1, right after X: DDP's overhead on
 #      the same card. Each run ends with a grid of the preset's 64 images (100 steps): its sampling rate gives the
 #      cost of the preset's grids (1,000 steps every 10 epochs) against the training between them.
-#   10. benchmarks/speed2_gpu.sh (issue 10: the tutorial UNet's fast paths) with what is left of $BUDGET
+#   10. benchmarks/speed2_gpu.sh (issue 10: the tutorial UNet's fast paths) with what is left of $BUDGET: after the
+#       default runs, little or nothing in one call; PARTS=speed2 gives it a call of its own
 # Measured on an H100 on 2026-11-28 (docs/benchmarks.md): 7 (but reduce-overhead), 8 without the --cuda_graph
 # tests, 9 eager, compiled and ddp_eager. The next lease runs the default PARTS ("cifar_tests cifar_loop speed2":
 # the tests of --cuda_graph, whose results say whether the numbers after them mean anything, then the 5,400
@@ -42,6 +43,16 @@ VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-110}  # seconds each of them may take, compil
 PARTS=${PARTS:-"cifar_tests cifar_loop speed2"}
 [ "$PARTS" = all ] && PARTS="tutorial cifar_step cifar_tests cifar_loop"
 want() { [[ " $PARTS " == *" $1 "* ]]; }
+
+# The device tool brings back at most 8 files from its $OUT: at the exit, however it comes, every log, table and the
+# CIFAR runs' TensorBoard logs go into one archive, $OUT/results.tar.gz (tar -xzf results.tar.gz)
+pack_results() {
+    for run in $CIFAR_RUNS; do [ -d "/tmp/cifar-$run/logs" ] && mkdir -p "$OUT/tensorboard" \
+        && cp -r "/tmp/cifar-$run/logs" "$OUT/tensorboard/${run//+/_}"; done
+    (cd "$OUT" && find . -type f ! -name results.tar.gz -print0 | tar -czf results.tar.gz --null -T - --remove-files \
+        && find . -mindepth 1 -type d -empty -delete && ls -l results.tar.gz)
+}
+trap pack_results EXIT
 TRAIN=(train.py --preset butterflies-128 --builtin_data --mixed_precision bf16 --train_batch_size "$BATCH"
        --use_ema --dataloader_num_workers 4 --logging_steps 10 --ddpm_num_inference_steps 20
        --checkpointing_steps 100000)
@@ -193,9 +204,3 @@ fi
 
 part "done"
 cat "$OUT"/*.md "$OUT"/*.txt 2> /dev/null
-# the device tool brings back at most 8 files from its $OUT: every log, table and the CIFAR runs' TensorBoard logs
-# in one archive (tar -xzf results.tar.gz)
-for run in $CIFAR_RUNS; do [ -d "/tmp/cifar-$run/logs" ] && mkdir -p "$OUT/tensorboard" \
-    && cp -r "/tmp/cifar-$run/logs" "$OUT/tensorboard/${run//+/_}"; done
-(cd "$OUT" && find . -type f ! -name results.tar.gz -print0 | tar -czf results.tar.gz --null -T - --remove-files \
-    && find . -mindepth 1 -type d -empty -delete && ls -l results.tar.gz)

@@ -18,6 +18,7 @@ import math
 import re
 
 import torch
+import torch.nn.functional as F
 from torch._inductor.utils import run_and_get_code
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -43,20 +44,33 @@ class AtenOps(TorchDispatchMode):
         return out
 
 
-def block_and_inputs(args: argparse.Namespace, fast_norm: bool):
+def fp32_norm(norm: GroupNorm):
+    """What CUDA's autocast makes of torch's GroupNorm (group_norm is on its fp32 list; the CPU's runs it in the
+    input's dtype): the input cast to fp32, an fp32 output."""
+    return lambda x: F.group_norm(x.float(), norm.num_groups, norm.weight, norm.bias, norm.eps)
+
+
+NORMS = {  # how each GroupNorm of the block runs
+    "torch": lambda norm: None,
+    "fp32 (CUDA's autocast, emulated)": lambda norm: setattr(norm, "forward", fp32_norm(norm)),
+    "fast (ddpm)": lambda norm: setattr(norm, "fast", True),
+}
+
+
+def block_and_inputs(args: argparse.Namespace, norm: str):
     torch.manual_seed(0)
     block = ResnetBlock2D(args.channels, args.channels, 4 * args.channels, 8, 1e-5, 0.0).to(args.device)
     for module in block.modules():
         if isinstance(module, GroupNorm):
-            module.fast = fast_norm
+            NORMS[norm](module)
     # bf16, as the convolution before the block writes it under autocast
     x = torch.randn(args.batch_size, args.channels, args.size, args.size, device=args.device, dtype=torch.bfloat16,
                     requires_grad=True)
     return block, x, torch.randn(args.batch_size, 4 * args.channels, device=args.device)
 
 
-def eager_passes(args: argparse.Namespace, fast_norm: bool, elements: int) -> list[tuple[int, list[torch.dtype]]]:
-    block, x, temb = block_and_inputs(args, fast_norm)
+def eager_passes(args: argparse.Namespace, norm: str, elements: int) -> list[tuple[int, list[torch.dtype]]]:
+    block, x, temb = block_and_inputs(args, norm)
     with AtenOps(elements) as forward, torch.autocast(args.device, dtype=torch.bfloat16):
         out = block(x, temb)
     loss = out.float().square().mean()
@@ -65,9 +79,9 @@ def eager_passes(args: argparse.Namespace, fast_norm: bool, elements: int) -> li
     return [(forward.ops, forward.written), (backward.ops, backward.written)]
 
 
-def compiled_passes(args: argparse.Namespace, fast_norm: bool, elements: int) -> list[tuple[int, list[str]]]:
+def compiled_passes(args: argparse.Namespace, norm: str, elements: int) -> list[tuple[int, list[torch.dtype]]]:
     torch._dynamo.reset()
-    block, x, temb = block_and_inputs(args, fast_norm)
+    block, x, temb = block_and_inputs(args, norm)
     compiled = torch.compile(block)
 
     def step():
@@ -95,13 +109,13 @@ def main() -> None:
           "| bytes per activation element |")
     print("|---|---|---|---|---|---|")
     for mode, passes in (("eager", eager_passes), ("compiled", compiled_passes)):
-        for fast_norm in (False, True):
-            for name, (count, dtypes) in zip(("forward", "backward"), passes(args, fast_norm, elements)):
+        for norm in NORMS:
+            for name, (count, dtypes) in zip(("forward", "backward"), passes(args, norm, elements)):
                 kinds = {dtype: dtypes.count(dtype) for dtype in dtypes}
                 written = ", ".join(f"{n} {str(dtype).removeprefix('torch.')}" for dtype, n in sorted(
                     kinds.items(), key=str))
                 size = sum(dtype.itemsize for dtype in dtypes)
-                print(f"| {mode} | {'fast (ddpm)' if fast_norm else 'torch'} | {name} | {count} | {written} | "
+                print(f"| {mode} | {norm} | {name} | {count} | {written} | "
                       f"{size} |")
 
 

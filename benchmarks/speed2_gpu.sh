@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
 # Speed II (issue 10) on one H100: training the tutorial UNet at 128x128 in bf16, compiled, with the fast paths.
-#   1. benchmark.py --compile, batch $BATCH: ddpm compiled against diffusers compiled, in one process
-#   2. benchmark.py --compile ddpm --channels_last --force_layout_opt, batch $BATCH (diffusers eager)
-#   3. benchmark.py --compile ddpm --fast_norm, with the layout of the faster of 1 and 2
-#   4. the fastest of 1-3 (ddpm's images/s) at batch $BIG_BATCH, with --profile 30: the final step's top kernels
-#   5. train.py with the flags of 4, $STEPS steps at batch $BIG_BATCH: the whole loop against 4
-#   6. benchmarks/norm_fusion.py on the GPU: eager ops and Triton's kernels, with torch's norm and the fast norm
+#   1. benchmarks/norm_fusion.py on the GPU (no timing, about a minute): the ops of one ResnetBlock2D eager and
+#      Triton's kernels compiled, with torch's norm and the fast norm: what --fast_norm can save
+#   2. benchmark.py --compile, batch $BATCH: ddpm compiled against diffusers compiled, in one process
+#   3. benchmark.py --compile ddpm --channels_last --force_layout_opt, batch $BATCH (diffusers eager)
+#   4. benchmark.py --compile ddpm --fast_norm, with the layout of the faster of 2 and 3
+#   5. the fastest of 2-4 (ddpm's images/s) at batch $BIG_BATCH, with --profile 30: the final step's top kernels
+#   6. train.py with the flags of 5, $STEPS steps at batch $BIG_BATCH: the whole loop against 5
 # In that order of priority: each part gets at most what is left of $BUDGET seconds (default 480), so a slow compile
 # cuts the later parts short; all six take about 11 minutes on an H100 (a cold compile of this UNet is 1-2 minutes),
-# more than one call of the device tool. (--fast_norm is third, not first: on
-# the CPU backend Inductor already writes torch's GroupNorm's fp32 output as bf16 in the kernel it fuses with the
-# SiLU: docs/benchmarks.md.)
-# EXTRA=1 adds (for a second lease: up to 10 more minutes), on the flags of 4: cuDNN autotuning, CUDA graphs
+# more than one call of the device tool. (--fast_norm comes after channels_last: in an emulation on the CPU,
+# Inductor fused CUDA autocast's fp32 GroupNorm into bf16 kernels by itself: docs/benchmarks.md.)
+# EXTRA=1 adds (for a second lease: up to 10 more minutes), on the flags of 5: cuDNN autotuning, CUDA graphs
 # (reduce-overhead), foreach instead of fused AdamW, batch 256, max-autotune.
 # Usage: OUT=results-dir bash benchmarks/speed2_gpu.sh   (diffusers must be importable: see the lease's wheels);
 # on the device machine run it as PARTS=speed2 bash benchmarks/gpu_check.sh, which packs its ~12 files into one
+# archive (the device tool brings back at most 8 files).
 # On a CPU, to check that each command runs (inductor builds C++: slow; a quickstart model for train.py):
 #   DEVICE=cpu CONFIG=small BATCH=2 BIG_BATCH=4 PRESET=quickstart STEPS=20 BUDGET=7200 LIMIT_SCALE=8 \
 #       PYTHON=python OUT=/tmp/speed2 bash benchmarks/speed2_gpu.sh
@@ -82,6 +83,12 @@ if command -v nvidia-smi > /dev/null; then
 fi
 "$PYTHON" -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
 
+seconds=$(limit 120)
+part "benchmarks/norm_fusion.py: GroupNorm under bf16 autocast, eager ops and Inductor's kernels"
+if [ "$seconds" = 0 ]; then echo "skipped: the budget of ${BUDGET}s is spent"
+else timeout -k 20 "$seconds" "$PYTHON" benchmarks/norm_fusion.py --device "$DEVICE" 2>&1 | grep -v Warning \
+    | tee "$OUT/norm_fusion.txt"; fi
+
 # faster(A B): whether ddpm's images/s in part B's table beat part A's
 faster() { awk -v a="$(rate "$1")" -v b="$(rate "$2")" 'BEGIN { exit !(b > a) }'; }
 
@@ -114,7 +121,7 @@ else
         ${TRAIN_FLAGS[@]+"${TRAIN_FLAGS[@]}"} --output_dir /tmp/speed2-loop > "$OUT/loop.log" 2>&1
     echo "exit code $? (limit ${seconds}s)"; tail -c 400 "$OUT/loop.log"; echo
     loop_rate /tmp/speed2-loop | tee "$OUT/loop.txt"
-    echo "model only, the same flags and batch (3): $(rate best_big_batch) images/s" | tee -a "$OUT/loop.txt"
+    echo "model only, the same flags and batch (5): $(rate best_big_batch) images/s" | tee -a "$OUT/loop.txt"
 fi
 
 if [ "$EXTRA" = 1 ]; then
@@ -125,12 +132,6 @@ if [ "$EXTRA" = 1 ]; then
     bench batch_256 120 --batch_size 256 --compile ddpm ${LAYOUT[@]+"${LAYOUT[@]}"}
     bench max_autotune 240 --batch_size "$BATCH" --compile ddpm ${LAYOUT[@]+"${LAYOUT[@]}"} --compile_mode max-autotune-no-cudagraphs
 fi
-
-seconds=$(limit 90)
-part "benchmarks/norm_fusion.py: GroupNorm under bf16 autocast, eager ops and Inductor's kernels"
-if [ "$seconds" = 0 ]; then echo "skipped: the budget of ${BUDGET}s is spent"
-else timeout -k 20 "$seconds" "$PYTHON" benchmarks/norm_fusion.py --device "$DEVICE" 2>&1 | grep -v Warning \
-    | tee "$OUT/norm_fusion.txt"; fi
 
 part "done"
 for table in "$OUT"/*.md; do echo "--- $table"; cat "$table"; done

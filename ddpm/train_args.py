@@ -99,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="channels_last weights and images (measured 35%% slower for the tutorial UNet on an H100, eager bf16); "
              "with --compile, Inductor is told to keep the layout throughout")
     add("--fast_norm", action="store_true",
-        help="GroupNorm keeps bf16/fp16 inputs and outputs under autocast, fp32 statistics; not yet measured on a "
-             "GPU (compiled on the CPU, Inductor already fused torch's fp32 norm output into bf16: docs/benchmarks.md)")
+        help="GroupNorm keeps bf16/fp16 inputs and outputs under autocast, fp32 statistics: fewer bytes written in "
+             "eager mode; not yet measured on a GPU, and under --compile Inductor fuses the fp32 norm's casts itself "
+             "(docs/benchmarks.md)")
     add("--compile", action=argparse.BooleanOptionalAction, default=False,
         help="torch.compile the UNet for training (the first step compiles: 94 s for the CIFAR-10 UNet on an H100); "
              "a preset may turn it on for GPUs, where it measured faster (cifar10-32: 1.14x the images/s on an H100)")

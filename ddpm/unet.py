@@ -5,6 +5,7 @@ module for module, so that state dicts move between the two with no renaming.
 """
 
 import math
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -121,9 +122,10 @@ class GroupNorm(nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fast:
             return super().forward(x)  # under autocast on CUDA: fp32 in and out, whatever x's dtype
-        # outside autocast, which would run it in fp32; gamma and beta in x's dtype too: one dtype for all three,
-        # which torch's kernels take on every device
-        with torch.autocast(x.device.type, enabled=False):
+        # outside autocast (CUDA's runs group_norm in fp32); gamma and beta in x's dtype too: one dtype for all
+        # three, which torch's kernels take on every device. (The meta device has no autocast to leave.)
+        device = x.device.type
+        with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
             return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
@@ -373,9 +375,10 @@ class UNet2DModel(nn.Module):
         self.gradient_checkpointing = False
 
     def enable_fast_norm(self) -> None:
-        """Every GroupNorm keeps its input's dtype (bf16 under autocast) with fp32 statistics, instead of
-        autocast's fp32 output: one kernel in eager mode where autocast needs casts around an fp32 norm (under
-        torch.compile Inductor fuses those casts itself). Parameters, state dict and config are unchanged."""
+        """Every GroupNorm keeps its input's dtype (bf16 under autocast) with fp32 statistics, instead of CUDA
+        autocast's fp32 output: in eager mode no fp32 activation is written and cast back (the gradients of the
+        norms' weight and bias are rounded to bf16, as a convolution's are under autocast; under torch.compile
+        Inductor may fuse those casts itself). Parameters, state dict and config are unchanged."""
         for module in self.modules():
             if isinstance(module, GroupNorm):
                 module.fast = True

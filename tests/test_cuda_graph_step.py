@@ -82,8 +82,11 @@ def test_a_nonfinite_loss_is_flagged_on_the_device():
 # -----------------------------------------------------------------------------
 # On a GPU: the recorded step inside train.py
 
+# the learning rate rises over the whole run: the replayed steps take the largest steps (which assert_trained_alike
+# compares against), each with its own learning rate (which a graph that kept the recording step's would miss)
 GPU_RUN = dict(model={**TINY_UNET, "dropout": 0.1}, device="cuda", mixed_precision="bf16", use_ema=True,
-               random_flip=True, max_train_steps=8, checkpointing_steps=4, logging_steps=2, lr_scheduler="cosine")
+               random_flip=True, max_train_steps=8, checkpointing_steps=4, logging_steps=2,
+               lr_scheduler="constant_with_warmup", lr_warmup_steps=8)
 
 
 def assert_trained_alike(a: dict, b: dict, start: dict) -> None:
@@ -162,7 +165,7 @@ def test_a_torchrun_graph_run_records_ddps_all_reduce_and_trains_as_one_process(
     images = image_folder(tmp_path / "images", 40, (8, 8))
     # checkpoints at the recording step, DDP_WARMUP_STEPS + 1, and at the end, after 4 replays
     options = {**GPU_RUN, "train_data_dir": images, "cuda_graph": True, "max_train_steps": DDP_WARMUP_STEPS + 5,
-               "checkpointing_steps": DDP_WARMUP_STEPS + 1}
+               "lr_warmup_steps": DDP_WARMUP_STEPS + 5, "checkpointing_steps": DDP_WARMUP_STEPS + 1}
     single = run(tmp_path, output_dir=tmp_path / "single", **options)
     launch = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
                              str(TRAIN_PY), *tiny_args(tmp_path, output_dir=tmp_path / "ddp", **options)],
