@@ -2,16 +2,18 @@
 # Speed II (issue 10) on one H100: training the tutorial UNet at 128x128 in bf16, compiled, with the fast paths.
 #   1. benchmarks/norm_fusion.py on the GPU (no timing, about a minute): the ops of one ResnetBlock2D eager and
 #      Triton's kernels compiled, with torch's norm and the fast norm: what --fast_norm can save
-#   2. benchmark.py --compile, batch $BATCH: ddpm compiled against diffusers compiled, in one process
-#   3. benchmark.py --compile ddpm --channels_last --force_layout_opt, batch $BATCH (diffusers eager)
-#   4. benchmark.py --compile ddpm --fast_norm, with the layout of the faster of 2 and 3
-#   5. the fastest of 2-4 (ddpm's images/s) at batch $BIG_BATCH, with --profile 30: the final step's top kernels
-#   6. train.py with the flags of 5, $STEPS steps at batch $BIG_BATCH: the whole loop against 5
+#   2. benchmark.py --fast_norm, eager, batch $BATCH: ddpm with the fast norm against diffusers (no compile: a
+#      minute; eager is what the butterflies-128 preset runs, and where the fast norm writes fewer bytes)
+#   3. benchmark.py --compile, batch $BATCH: ddpm compiled against diffusers compiled, in one process
+#   4. benchmark.py --compile ddpm --channels_last --force_layout_opt, batch $BATCH (diffusers eager)
+#   5. benchmark.py --compile ddpm --fast_norm, with the layout of the faster of 3 and 4
+#   6. the fastest of 3-5 (ddpm's images/s) at batch $BIG_BATCH, with --profile 30: the final step's top kernels
+#   7. train.py with the flags of 6, $STEPS steps at batch $BIG_BATCH: the whole loop against 6
 # In that order of priority: each part gets at most what is left of $BUDGET seconds (default 480), so a slow compile
-# cuts the later parts short; all six take about 11 minutes on an H100 (a cold compile of this UNet is 1-2 minutes),
+# cuts the later parts short; all seven take about 12 minutes on an H100 (a cold compile of this UNet is 1-2 minutes),
 # more than one call of the device tool. (--fast_norm comes after channels_last: in an emulation on the CPU,
 # Inductor fused CUDA autocast's fp32 GroupNorm into bf16 kernels by itself: docs/benchmarks.md.)
-# EXTRA=1 adds (for a second lease: up to 10 more minutes), on the flags of 5: cuDNN autotuning, CUDA graphs
+# EXTRA=1 adds (for a second lease: up to 10 more minutes), on the flags of 6: cuDNN autotuning, CUDA graphs
 # (reduce-overhead), foreach instead of fused AdamW, batch 256, max-autotune.
 # Usage: OUT=results-dir bash benchmarks/speed2_gpu.sh   (diffusers must be importable: see the lease's wheels);
 # on the device machine run it as PARTS=speed2 bash benchmarks/gpu_check.sh, which packs its ~12 files into one
@@ -92,6 +94,7 @@ else timeout -k 20 "$seconds" "$PYTHON" benchmarks/norm_fusion.py --device "$DEV
 # faster(A B): whether ddpm's images/s in part B's table beat part A's
 faster() { awk -v a="$(rate "$1")" -v b="$(rate "$2")" 'BEGIN { exit !(b > a) }'; }
 
+bench eager_fast_norm 100 --batch_size "$BATCH" --fast_norm
 bench plain 240 --batch_size "$BATCH" --compile
 bench channels_last 150 --batch_size "$BATCH" --compile ddpm --channels_last --force_layout_opt
 if faster plain channels_last; then
@@ -121,7 +124,7 @@ else
         ${TRAIN_FLAGS[@]+"${TRAIN_FLAGS[@]}"} --output_dir /tmp/speed2-loop > "$OUT/loop.log" 2>&1
     echo "exit code $? (limit ${seconds}s)"; tail -c 400 "$OUT/loop.log"; echo
     loop_rate /tmp/speed2-loop | tee "$OUT/loop.txt"
-    echo "model only, the same flags and batch (5): $(rate best_big_batch) images/s" | tee -a "$OUT/loop.txt"
+    echo "model only, the same flags and batch (6): $(rate best_big_batch) images/s" | tee -a "$OUT/loop.txt"
 fi
 
 if [ "$EXTRA" = 1 ]; then
