@@ -36,7 +36,7 @@ from ddpm import DDIMScheduler, DDPMScheduler, UNet2DModel, generate, save_pipel
 from ddpm import distributed, hub
 from ddpm.checkpoint import (CheckpointError, capture_rng_state, list_checkpoints, load_checkpoint,
                              restore_rng_state, save_checkpoint, set_aside_checkpoints_after)
-from ddpm.cuda_graph_step import CudaGraphStep, recording_stream
+from ddpm.cuda_graph_step import CudaGraphStep, on_side_stream, recording_stream
 from ddpm.data import CACHE_BYTES, DataError, EpochSampler, TrainingImages, load_images
 from ddpm.device_data import DeviceDataUnavailable, DeviceImages
 from ddpm.ema import EMA
@@ -147,12 +147,8 @@ def main(argv=None) -> None:
     if ctx.is_distributed:
         # under --cuda_graph, DDP is built on the stream that records the step (ddpm/cuda_graph_step.py), after the
         # weights are written and before anything else reads them (DDP broadcasts rank 0's weights)
-        if graph_stream is not None:
-            graph_stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(graph_stream):  # None: no-op
+        with on_side_stream(graph_stream):
             model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-        if graph_stream is not None:
-            torch.cuda.current_stream(device).wait_stream(graph_stream)
     # fused: one kernel for all parameters; on 2 CPU threads the quickstart step ran 1.11x as fast as with foreach ops
     # (docs/quickstart.md, third search)
     # capturable: AdamW's step counts stay on the GPU, where a CUDA graph can advance them

@@ -30,7 +30,7 @@ the step runs uncaptured.
 """
 
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -49,6 +49,20 @@ DDP_WARMUP_STEPS = 12
 def recording_stream(device: torch.device) -> torch.cuda.Stream | None:
     """The side stream that builds DDP, runs the warm-up steps and records the graph; None on a CPU."""
     return torch.cuda.Stream(device) if device.type == "cuda" else None
+
+
+@contextmanager
+def on_side_stream(stream: torch.cuda.Stream | None):
+    """Run the block's kernels on `stream`, after the current stream's work so far and before its work to come (as
+    PyTorch's CUDA graphs notes warm up and build DDP); None (a CPU): the block as it is."""
+    if stream is None:
+        yield
+        return
+    current = torch.cuda.current_stream(stream.device)
+    stream.wait_stream(current)
+    with torch.cuda.stream(stream):
+        yield
+    current.wait_stream(stream)
 
 
 class CudaGraphStep:
@@ -94,13 +108,10 @@ class CudaGraphStep:
         elif self.graph is not None:
             self.graph.replay()
         elif self.calls <= self.warmup_steps:
-            current = torch.cuda.current_stream(self.device)
-            self.stream.wait_stream(current)
-            with torch.cuda.stream(self.stream), warnings.catch_warnings():
+            with on_side_stream(self.stream), warnings.catch_warnings():
                 # AdamW's advice for an optimizer that is never captured: this one is, after these steps
                 warnings.filterwarnings("ignore", message=".*capturable=True.*")
                 self._step()
-            current.wait_stream(self.stream)
         else:
             self.optimizer.zero_grad(set_to_none=True)  # the graph allocates the gradients it writes
             graph = torch.cuda.CUDAGraph()

@@ -10,6 +10,7 @@ stays eager, so the numbers and the order of random draws are those of the eager
 import torch
 from torch import nn
 
+from .cuda_graph_step import on_side_stream
 from .unet import unwrap_model
 
 
@@ -51,12 +52,9 @@ class FastUNet(nn.Module):
         static_sample = sample.clone()
         static_timestep = torch.full((), int(timestep), dtype=torch.int64, device=sample.device)
         # warm up on a side stream first (cuDNN's algorithm search and lazy set-up must not be captured)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        with on_side_stream(torch.cuda.Stream(sample.device)):
             for _ in range(2):
                 self.denoise(static_sample, static_timestep)
-        torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # thread_local: a DataLoader's pin-memory thread may call CUDA while this thread records (as in train.py)
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
