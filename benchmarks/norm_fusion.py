@@ -111,12 +111,10 @@ def main() -> None:
     for mode, passes in (("eager", eager_passes), ("compiled", compiled_passes)):
         for norm in NORMS:
             for name, (count, dtypes) in zip(("forward", "backward"), passes(args, norm, elements)):
-                kinds = {dtype: dtypes.count(dtype) for dtype in dtypes}
-                written = ", ".join(f"{n} {str(dtype).removeprefix('torch.')}" for dtype, n in sorted(
-                    kinds.items(), key=str))
-                size = sum(dtype.itemsize for dtype in dtypes)
-                print(f"| {mode} | {norm} | {name} | {count} | {written} | "
-                      f"{size} |")
+                kinds = sorted({str(dtype).removeprefix("torch."): dtypes.count(dtype) for dtype in dtypes}.items())
+                written = ", ".join(f"{n} {dtype}" for dtype, n in kinds)
+                bytes_per_element = sum(dtype.itemsize for dtype in dtypes)
+                print(f"| {mode} | {norm} | {name} | {count} | {written} | {bytes_per_element} |")
 
 
 if __name__ == "__main__":
