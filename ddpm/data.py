@@ -23,6 +23,9 @@ from PIL import Image, ImageDraw
 from torchvision import transforms
 from tqdm.auto import tqdm
 
+from ddpm.idx import IdxSource, idx_image_files
+from ddpm.image_source import DataError, ImageSource
+
 # `datasets` is imported only where a Hub dataset is loaded: it is slow to import, and a run on local or
 # built-in images does not need it installed.
 if TYPE_CHECKING:
@@ -32,25 +35,6 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".
 
 # PIL errors of a corrupt, truncated or undecodable file; such an image is skipped, not fatal.
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-
-
-class DataError(ValueError):
-    """The training data cannot be used; the message says what was seen and what to do."""
-
-
-class ImageSource:
-    """Random access to a list of images: len(), get(i) -> PIL image of any mode, describe(i) for reports."""
-
-    description: str  # e.g. "imagefolder /data/cats: 123 images", printed by train.py
-
-    def __len__(self) -> int:
-        raise NotImplementedError
-
-    def get(self, i: int) -> Image.Image:
-        raise NotImplementedError
-
-    def describe(self, i: int) -> str:
-        raise NotImplementedError
 
 
 def _open(fp) -> Image.Image:
@@ -225,8 +209,6 @@ def load_images(
         raise DataError(f"got both --dataset_name {dataset_name!r} and --train_data_dir {train_data_dir!r}; "
                         "pass only one")
     if train_data_dir:
-        from ddpm.idx import IdxSource, idx_image_files  # ddpm.idx builds on this module's ImageSource
-
         if Path(train_data_dir).is_dir() and idx_image_files(train_data_dir):  # MNIST-style: train-*/t10k-* by split
             return IdxSource(train_data_dir, split)
         if split != "train":

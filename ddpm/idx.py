@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ddpm.data import DataError, ImageSource
+from ddpm.image_source import DataError, ImageSource
 
 UNSIGNED_BYTE = 0x08
 SPLIT_PREFIXES = {"train": "train", "test": "t10k"}  # the file-name prefix of each split
