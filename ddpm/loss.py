@@ -8,6 +8,15 @@ from torch import nn
 from .scheduler import DDPMScheduler
 
 
+def draw_noise_and_timesteps(x0: torch.Tensor, num_train_timesteps: int,
+                             generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Algorithm 1, lines 3-4, for a batch x0: t ~ Uniform({1, ..., T}) (0-based here) and eps ~ N(0, I).
+    eps is drawn first, then t: the order of every run's noise stream, which exact resume replays."""
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+    timesteps = torch.randint(0, num_train_timesteps, (x0.shape[0],), generator=generator, device=x0.device)
+    return noise, timesteps
+
+
 def training_target(scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor,
                     timesteps: torch.Tensor) -> torch.Tensor:
     """What the network learns to output for x_t: eps (DDPM), x_0 itself, or v (Salimans & Ho 2022)."""
@@ -41,12 +50,12 @@ def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, snr_gamma
 
 def diffusion_loss(unet: nn.Module, scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor,
                    timesteps: torch.Tensor, snr_gamma: float | None = None) -> torch.Tensor:
-    """Algorithm 1, lines 2-5, for a batch x0 with its noise eps and timesteps t drawn by the caller:
+    """Algorithm 1, line 5's objective, for a batch x0 with the eps and t of draw_noise_and_timesteps:
     L_simple = || eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t) ||^2   (Eq. 14),
     averaged over pixels and batch; with snr_gamma, each image's error is weighted by min_snr_weights first.
     The MSE is taken in fp32 even under autocast."""
-    noisy = scheduler.add_noise(x0, noise, timesteps)  # Eq. 4
-    prediction = unet(noisy, timesteps)
+    x_t = scheduler.add_noise(x0, noise, timesteps)  # Eq. 4: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps
+    prediction = unet(x_t, timesteps)
     target = training_target(scheduler, x0, noise, timesteps)
     if snr_gamma is None:
         return F.mse_loss(prediction.float(), target.float())
