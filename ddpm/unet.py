@@ -53,8 +53,7 @@ SUPPORTED_VALUES: dict[str, tuple] = {
     "upsample_type": ("conv",),
     "act_fn": ("silu", "swish"),
     "resnet_time_scale_shift": ("default",),
-    "class_embed_type": (None,),
-    "num_class_embeds": (None,),
+    "class_embed_type": (None, "timestep", "identity"),
 }
 DOWN_BLOCK_TYPES = ("DownBlock2D", "AttnDownBlock2D")
 UP_BLOCK_TYPES = ("UpBlock2D", "AttnUpBlock2D")
@@ -89,6 +88,9 @@ def resolve_config(**config: Any) -> dict[str, Any]:
         raise ValueError(f"UNet2DModel: norm_num_groups={groups!r} must divide every block_out_channels {channels}")
     if full["layers_per_block"] < 1:
         raise ValueError(f"UNet2DModel: layers_per_block must be >= 1, got {full['layers_per_block']}")
+    classes = full["num_class_embeds"]
+    if classes is not None and (not isinstance(classes, int) or isinstance(classes, bool) or classes < 1):
+        raise ValueError(f"UNet2DModel: num_class_embeds must be None or an int >= 1, got {classes!r}")
     return full
 
 
@@ -334,6 +336,16 @@ class UNet2DModel(nn.Module):
 
         self.conv_in = nn.Conv2d(cfg["in_channels"], channels[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(channels[0], temb_channels)
+        # The class embedding, added to the time embedding (diffusers' UNet2DModel): a table of num_class_embeds
+        # vectors, the timestep MLP on sinusoids of the label ("timestep"), or the label itself ("identity").
+        if cfg["class_embed_type"] is None and cfg["num_class_embeds"] is not None:
+            self.class_embedding = nn.Embedding(cfg["num_class_embeds"], temb_channels)
+        elif cfg["class_embed_type"] == "timestep":
+            self.class_embedding = TimestepEmbedding(channels[0], temb_channels)
+        elif cfg["class_embed_type"] == "identity":
+            self.class_embedding = nn.Identity()
+        else:
+            self.class_embedding = None
 
         self.down_blocks = nn.ModuleList()
         for i, block_type in enumerate(cfg["down_block_types"]):
@@ -393,9 +405,22 @@ class UNet2DModel(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int) -> torch.Tensor:
-        """(B, in_channels, H, W) and a timestep (int, 0-d or (B,) tensor) -> (B, out_channels, H, W)."""
+    @property
+    def is_class_conditional(self) -> bool:
+        return self.class_embedding is not None
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int,
+                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, in_channels, H, W) and a timestep (int, 0-d or (B,) tensor) -> (B, out_channels, H, W).
+        A class-conditional model (num_class_embeds or class_embed_type set) needs class_labels, (B,) int64."""
         cfg = self.config
+        if self.is_class_conditional and class_labels is None:
+            raise ValueError(f"UNet2DModel: this model is class-conditional (num_class_embeds="
+                             f"{cfg['num_class_embeds']}, class_embed_type={cfg['class_embed_type']!r}): "
+                             "pass class_labels")
+        if not self.is_class_conditional and class_labels is not None:
+            raise ValueError("UNet2DModel: class_labels given to a model without a class embedding "
+                             "(num_class_embeds and class_embed_type are None)")
         if cfg["center_input_sample"]:
             sample = 2 * sample - 1.0
 
@@ -403,6 +428,11 @@ class UNet2DModel(nn.Module):
         timesteps = timesteps.reshape(-1).expand(sample.shape[0])
         t_emb = timestep_embedding(timesteps, cfg["block_out_channels"][0], cfg["flip_sin_to_cos"], cfg["freq_shift"])
         temb = self.time_embedding(t_emb.to(self.dtype))
+        if class_labels is not None:
+            if cfg["class_embed_type"] == "timestep":  # the label through the timestep's own sinusoids
+                class_labels = timestep_embedding(class_labels, cfg["block_out_channels"][0], cfg["flip_sin_to_cos"],
+                                                  cfg["freq_shift"]).to(self.dtype)
+            temb = temb + self.class_embedding(class_labels).to(self.dtype)
 
         x = self.conv_in(sample)
         skips = [x]

@@ -136,8 +136,7 @@ def test_config_survives_a_json_round_trip():
 UNSUPPORTED = [
     ("down_block_types", ("DownBlock2D", "CrossAttnDownBlock2D")),
     ("up_block_types", ("CrossAttnUpBlock2D", "UpBlock2D")),
-    ("class_embed_type", "timestep"),
-    ("num_class_embeds", 10),
+    ("class_embed_type", "projection"),
     ("time_embedding_type", "fourier"),
     ("resnet_time_scale_shift", "scale_shift"),
     ("act_fn", "gelu"),
