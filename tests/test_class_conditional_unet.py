@@ -1,6 +1,5 @@
 """The class embedding of ddpm.UNet2DModel against diffusers.UNet2DModel's: names, config, forward, folders."""
 
-import diffusers
 import pytest
 import torch
 
@@ -8,6 +7,7 @@ from ddpm import UNet2DModel, load_pipeline, save_pipeline
 from ddpm.scheduler import DDPMScheduler
 from oracle import (  # noqa: F401  (single_thread is an autouse fixture)
     TINY,
+    diffusers,
     diffusers_unet,
     measured,
     public_config,

@@ -231,7 +231,7 @@ def test_hub_dataset_offline_raises_data_error_quickly():
 
 def test_hub_dataset_fails_quickly_without_network_even_if_offline_mode_is_not_set(monkeypatch):
     monkeypatch.setattr(data.hub_constants, "HF_HUB_OFFLINE", False)
-    import datasets
+    datasets = pytest.importorskip("datasets")
 
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     start = time.perf_counter()
@@ -242,14 +242,14 @@ def test_hub_dataset_fails_quickly_without_network_even_if_offline_mode_is_not_s
 
 
 def write_parquet_dataset(folder, features, rows):
-    import datasets
+    datasets = pytest.importorskip("datasets")
 
     (folder / "data").mkdir(parents=True)
     datasets.Dataset.from_dict(rows, features=datasets.Features(features)).to_parquet(folder / "data" / "train.parquet")
 
 
 def test_dataset_image_column_is_found_by_feature_type(tmp_path):
-    import datasets
+    datasets = pytest.importorskip("datasets")
 
     write_pngs(tmp_path / "pngs", 3)
     paths = [str(tmp_path / "pngs" / f"{i}.png") for i in range(3)]
@@ -261,7 +261,7 @@ def test_dataset_image_column_is_found_by_feature_type(tmp_path):
 
 
 def test_dataset_without_image_column_raises_data_error_listing_columns(tmp_path):
-    import datasets
+    datasets = pytest.importorskip("datasets")
 
     write_parquet_dataset(tmp_path / "ds", {"text": datasets.Value("string")}, {"text": ["a", "b"]})
     with pytest.raises(DataError, match=r"no image column \(columns: text \(Value\)\)"):
@@ -402,7 +402,7 @@ def test_datasets_is_imported_only_for_a_hub_dataset():
 
 
 def test_hub_dataset_decodes_into_memory_as_when_streamed(tmp_path):
-    import datasets
+    datasets = pytest.importorskip("datasets")
 
     write_pngs(tmp_path / "pngs", 12)
     paths = [str(tmp_path / "pngs" / f"{i}.png") for i in range(12)]

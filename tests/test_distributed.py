@@ -23,7 +23,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from diffusers import DDPMPipeline
 from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 
@@ -32,6 +31,7 @@ from ddpm.checkpoint import list_checkpoints, load_checkpoint
 from ddpm.cuda_graph_step import CudaGraphStep
 from ddpm.ema import EMA
 from ddpm.loss import diffusion_loss
+from oracle import diffusers
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PY = REPO / "train.py"
@@ -201,7 +201,7 @@ def two_process_run(tiny_config, tmp_path_factory):
 def test_two_process_run_writes_one_pipeline_that_diffusers_loads_with_the_ema_weights(two_process_run):
     output_dir, _ = two_process_run
     assert [path.parent for path in output_dir.rglob("model_index.json")] == [output_dir]
-    pipeline = DDPMPipeline.from_pretrained(output_dir)
+    pipeline = diffusers.DDPMPipeline.from_pretrained(output_dir)
     ema = load_file(output_dir / "checkpoint-6" / "ema.safetensors")
     assert_same_tensors(pipeline.unet.state_dict(), ema)
 

@@ -1,13 +1,15 @@
+from __future__ import annotations  # the diffusers annotation below is not evaluated
+
 import copy
 
 import pytest
 import torch
 import torch.distributed as dist
-from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ddpm.ema import EMA
+from oracle import diffusers
 
 
 def tiny_model() -> nn.Module:
@@ -25,8 +27,9 @@ def take_optimizer_step(model: nn.Module) -> None:
     model[1].running_mean.add_(1.0)
 
 
-def diffusers_ema(model: nn.Module, max_decay: float = 0.9999) -> EMAModel:
-    return EMAModel(model.parameters(), decay=max_decay, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
+def diffusers_ema(model: nn.Module, max_decay: float = 0.9999) -> diffusers.training_utils.EMAModel:
+    return diffusers.training_utils.EMAModel(model.parameters(), decay=max_decay, use_ema_warmup=True, inv_gamma=1.0,
+                                             power=0.75)
 
 
 @pytest.mark.parametrize("step", [1, 2, 10, 1000, 10000, 10**7])

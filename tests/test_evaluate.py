@@ -126,7 +126,7 @@ def test_variance_defaults_to_the_scheduler_configs_and_can_be_overridden(tmp_pa
 
 def write_parquet_splits(folder: Path, splits: dict[str, int]) -> None:
     """A local Hub-format dataset with `splits[name]` one-colour 12x10 images in each split."""
-    import datasets
+    datasets = pytest.importorskip("datasets")
 
     (folder / "data").mkdir(parents=True)
     for split, count in splits.items():

@@ -1,12 +1,11 @@
 """ddpm.generate against diffusers.DDPMPipeline: same weights and seed give the same images."""
 
-import diffusers
 import numpy as np
 import pytest
 import torch
 
 from ddpm import DDPMScheduler, UNet2DModel, generate
-from oracle import MICRO, measured, micro_unets, single_thread  # noqa: F401  (autouse fixture)
+from oracle import MICRO, diffusers, measured, micro_unets, single_thread  # noqa: F401  (autouse fixture)
 
 TOLERANCE = 1e-5
 

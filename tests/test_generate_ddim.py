@@ -1,12 +1,13 @@
 """ddpm.generate with a DDIMScheduler against diffusers.DDIMPipeline, and with one generator per image."""
 
-import diffusers
+from __future__ import annotations  # the diffusers annotation below is not evaluated
+
 import numpy as np
 import pytest
 import torch
 
 from ddpm import DDIMScheduler, DDPMScheduler, generate
-from oracle import measured, micro_unets, single_thread  # noqa: F401  (autouse fixture)
+from oracle import diffusers, measured, micro_unets, single_thread  # noqa: F401  (autouse fixture)
 
 TOLERANCE = 1e-5
 

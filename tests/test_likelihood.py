@@ -7,14 +7,13 @@ independent computation runs a tiny UNet with T = 10 (any T is allowed there).
 
 import math
 
-import diffusers
 import numpy as np
 import pytest
 import torch
 
 from ddpm import DDPMScheduler, UNet2DModel
 from ddpm.likelihood import VariationalBound, approx_standard_normal_cdf, x0_from_pixels
-from oracle import MICRO, perturb_, single_thread  # noqa: F401  (autouse fixture)
+from oracle import MICRO, diffusers, perturb_, single_thread  # noqa: F401  (autouse fixture)
 
 VARIANCES = ("fixed_small", "fixed_large")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")

@@ -11,7 +11,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import wandb
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -25,6 +24,7 @@ SCALARS = {"train/loss", "train/lr", "train/grad_norm", "train/images_per_s", "t
 @contextlib.contextmanager
 def offline_wandb(home: Path):
     """wandb without network, its settings and caches in `home`; records each run.log and each wandb.init config."""
+    wandb = pytest.importorskip("wandb")  # an optional extra: its tests are skipped where it is not installed
     recorded = SimpleNamespace(logs=[], configs=[])  # logs: (run id, step, data)
     log, init = wandb.Run.log, wandb.init
 
@@ -134,6 +134,8 @@ def test_wandb_not_installed_is_a_one_line_error_naming_the_extra(monkeypatch, c
 
 
 def test_wandb_that_cannot_start_stops_the_run_with_one_line_before_training(tmp_path, wandb_offline, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+
     def refuse(**kwargs):
         raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
 

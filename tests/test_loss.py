@@ -1,14 +1,12 @@
 """The min-SNR-gamma loss weighting (Hang et al. 2023), against the paper's formula and diffusers' scripts."""
 
-import diffusers
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers.training_utils import compute_snr
 
 from ddpm import DDPMScheduler, UNet2DModel
 from ddpm.loss import diffusion_loss, min_snr_weights, training_target
-from oracle import TINY, perturb_
+from oracle import TINY, diffusers, perturb_
 
 TIMESTEPS = torch.tensor([0, 1, 10, 100, 250, 500, 750, 999])
 
@@ -36,7 +34,7 @@ def test_min_snr_weights_follow_the_papers_formula_for_each_prediction_type(pred
 def test_min_snr_weights_equal_diffusers_training_scripts(prediction_type):
     # diffusers' train_text_to_image.py --snr_gamma: min(snr, gamma), then / snr (eps) or / (snr + 1) (v)
     theirs_scheduler = diffusers.DDPMScheduler(prediction_type=prediction_type)
-    snr = compute_snr(theirs_scheduler, TIMESTEPS)
+    snr = diffusers.training_utils.compute_snr(theirs_scheduler, TIMESTEPS)
     weights = torch.stack([snr, 5.0 * torch.ones_like(TIMESTEPS)], dim=1).min(dim=1)[0]
     if prediction_type == "epsilon":
         weights = weights / snr

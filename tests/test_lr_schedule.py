@@ -1,8 +1,8 @@
 import pytest
 import torch
-from diffusers.optimization import get_scheduler
 
 from ddpm.lr_schedule import LR_SCHEDULES, lr_lambda, make_lr_scheduler
+from oracle import diffusers
 
 BASE_LR = 1e-4
 
@@ -30,7 +30,8 @@ def lrs_over_training(make_scheduler, num_steps: int = 35) -> list[float]:
 def test_lr_after_each_optimizer_step_equals_diffusers(name, warmup_steps, total_steps):
     ours = lrs_over_training(lambda opt: make_lr_scheduler(opt, name, warmup_steps, total_steps))
     theirs = lrs_over_training(
-        lambda opt: get_scheduler(name, opt, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+        lambda opt: diffusers.optimization.get_scheduler(name, opt, num_warmup_steps=warmup_steps,
+                                                         num_training_steps=total_steps)
     )
     assert ours == pytest.approx(theirs, abs=1e-12, rel=0)
 

@@ -7,7 +7,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import diffusers
 import pytest
 import safetensors.torch
 import torch
@@ -19,6 +18,7 @@ from ddpm import DDPMScheduler, PipelineLoadError, UNet2DModel, load_pipeline, s
 from oracle import (  # noqa: F401  (single_thread is an autouse fixture)
     CIFAR10_LAYOUT,
     TINY,
+    diffusers,
     diffusers_unet,
     measured,
     perturb_,

@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import diffusers
 import numpy as np
 import pytest
 import torch
@@ -16,7 +15,7 @@ from PIL import Image
 
 from ddpm import DDIMScheduler, DDPMScheduler, UNet2DModel, generate
 from ddpm.sampling import image_generators
-from oracle import MICRO, diffusers_unet, single_thread  # noqa: F401  (autouse fixture)
+from oracle import MICRO, diffusers, diffusers_unet, single_thread  # noqa: F401  (autouse fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_PY = REPO / "sample.py"

@@ -1,3 +1,5 @@
+from __future__ import annotations  # the diffusers annotations below are not evaluated
+
 import os
 import subprocess
 import sys
@@ -6,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from PIL import Image
+
+from oracle import diffusers
 
 SAMPLE_PY = Path(__file__).resolve().parents[1] / "sample.py"
 SEED, STEPS = 3, 5
@@ -19,9 +22,9 @@ def run_sample(*args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-def tiny_pipeline(channels: int) -> DDPMPipeline:
+def tiny_pipeline(channels: int) -> diffusers.DDPMPipeline:
     torch.manual_seed(0)
-    unet = UNet2DModel(
+    unet = diffusers.UNet2DModel(
         sample_size=8, in_channels=channels, out_channels=channels, layers_per_block=1,
         block_out_channels=(8, 16), norm_num_groups=4,
         down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
@@ -30,10 +33,10 @@ def tiny_pipeline(channels: int) -> DDPMPipeline:
     with torch.no_grad():
         for param in unet.parameters():
             param.add_(0.1 * torch.randn_like(param))
-    return DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000))
+    return diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(num_train_timesteps=1000))
 
 
-def diffusers_images(pipeline: DDPMPipeline, batch_size: int) -> list[Image.Image]:
+def diffusers_images(pipeline: diffusers.DDPMPipeline, batch_size: int) -> list[Image.Image]:
     return pipeline(batch_size=batch_size, generator=torch.manual_seed(SEED), num_inference_steps=STEPS).images
 
 

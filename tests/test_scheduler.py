@@ -2,12 +2,11 @@
 
 import json
 
-import diffusers
 import pytest
 import torch
 
 from ddpm import DDPMScheduler
-from oracle import (SCHEDULES, max_abs_diff, measured, public_config, randn, single_thread,  # noqa: F401
+from oracle import (SCHEDULES, diffusers, max_abs_diff, measured, public_config, randn, single_thread,  # noqa: F401
                     step_worst_difference)
 
 TOLERANCE = 1e-6

@@ -17,7 +17,6 @@ import time
 import warnings
 from pathlib import Path
 
-import diffusers
 import numpy as np
 import pytest
 import torch
@@ -33,7 +32,7 @@ from ddpm.checkpoint import list_checkpoints, load_checkpoint
 from ddpm.loss import diffusion_loss, training_target
 from ddpm.presets import PRESETS
 from ddpm.train_args import build_parser
-from oracle import perturb_, single_thread  # noqa: F401  (autouse fixture)
+from oracle import diffusers, perturb_, single_thread  # noqa: F401  (autouse fixture)
 from test_idx import random_images, write_idx
 from train_script import TRAIN_PY, own_signal_handlers, train
 

@@ -2,14 +2,13 @@
 
 import json
 
-import diffusers
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from ddpm.sampling import sample_grid
-from oracle import single_thread  # noqa: F401  (autouse fixture)
+from oracle import diffusers, single_thread  # noqa: F401  (autouse fixture)
 from train_script import train
 
 

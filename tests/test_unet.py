@@ -2,7 +2,6 @@
 
 import json
 
-import diffusers
 import pytest
 import torch
 
@@ -12,6 +11,7 @@ from oracle import (  # noqa: F401  (single_thread is an autouse fixture)
     FORWARD_CONFIGS,
     TINY,
     TUTORIAL,
+    diffusers,
     diffusers_unet,
     measured,
     public_config,
