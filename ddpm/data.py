@@ -7,6 +7,7 @@ first run needs no download.
 
 import contextlib
 import io
+import itertools
 import math
 import os
 import random
@@ -24,7 +25,7 @@ from torchvision import transforms
 from tqdm.auto import tqdm
 
 from ddpm.idx import IdxSource, idx_image_files
-from ddpm.image_source import DataError, ImageSource
+from ddpm.image_source import DataError, ImageSource, checked_labels
 
 # `datasets` is imported only where a Hub dataset is loaded: it is slow to import, and a run on local or
 # built-in images does not need it installed.
@@ -47,6 +48,7 @@ class FolderSource(ImageSource):
     def __init__(self, root: str):
         if not Path(root).is_dir():
             raise DataError(f"--train_data_dir {root!r} is not a folder; pass a folder that contains images")
+        self.root = root
         # Sorted, so every rank and every resumed run maps index i to the same file.
         self.files = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         if not self.files:
@@ -64,9 +66,31 @@ class FolderSource(ImageSource):
     def describe(self, i: int) -> str:
         return str(self.files[i])
 
+    def classes(self) -> tuple[list[str], torch.Tensor]:
+        """One class per subfolder, by torchvision's ImageFolder rule: the sorted subfolder names, label k for the
+        images anywhere under the k-th."""
+        names = sorted(entry.name for entry in os.scandir(self.root) if entry.is_dir())
+        if not names:
+            raise DataError(f"--train_data_dir {self.root!r} has no subfolders, so its images have no classes; "
+                            "put each class's images in a subfolder named for it")
+        first_parts = [file.relative_to(self.root).parts for file in self.files]
+        loose = [parts for parts in first_parts if len(parts) == 1]
+        if loose:
+            raise DataError(f"image {loose[0][0]!r} lies directly in --train_data_dir {self.root!r}, outside the "
+                            f"class subfolders ({len(loose)} such image(s)); move it into one")
+        counts = {name: 0 for name in names}
+        for parts in first_parts:
+            counts[parts[0]] += 1
+        empty = [name for name, count in counts.items() if count == 0]
+        if empty:
+            raise DataError(f"class subfolder {empty[0]!r} of --train_data_dir {self.root!r} holds no images "
+                            f"({len(empty)} such subfolder(s)); remove it or add its images")
+        index = {name: k for k, name in enumerate(names)}
+        return checked_labels(self, names, [index[parts[0]] for parts in first_parts])
+
 
 class HubSource(ImageSource):
-    def __init__(self, name: str, rows: "datasets.Dataset", split: str = "train"):
+    def __init__(self, name: str, rows: "datasets.Dataset", split: str = "train", label_column: str = "label"):
         import datasets
 
         columns = [c for c, feature in rows.features.items() if isinstance(feature, datasets.Image)]
@@ -75,6 +99,7 @@ class HubSource(ImageSource):
             raise DataError(f"dataset {name!r} has no image column (columns: {seen}); pick a dataset with a "
                             "datasets.Image feature")
         self.name, self.column = name, "image" if "image" in columns else columns[0]
+        self.all_columns, self.label_column = rows, label_column
         # Undecoded rows are {"bytes", "path"}: we decode with PIL ourselves, so a bad row is skipped with its
         # file name.
         self.rows = rows.select_columns([self.column]).cast_column(self.column, datasets.Image(decode=False))
@@ -96,6 +121,29 @@ class HubSource(ImageSource):
         path = row and row["path"]
         return f"row {i} of {self.name}" + (f" ({path})" if path else "")
 
+    def classes(self) -> tuple[list[str], torch.Tensor]:
+        """The labels in column `label_column`: a ClassLabel (its names) or plain integers (named by number)."""
+        import datasets
+
+        column, features = self.label_column, self.all_columns.features
+        if column not in features:
+            seen = ", ".join(f"{c} ({type(f).__name__})" for c, f in features.items())
+            raise DataError(f"dataset {self.name!r} has no label column {column!r} (columns: {seen}); "
+                            "pass --label_column")
+        feature = features[column]
+        is_int = isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint"))
+        if not isinstance(feature, datasets.ClassLabel) and not is_int:
+            raise DataError(f"column {column!r} of dataset {self.name!r} holds {feature}, not class labels "
+                            "(a ClassLabel or integers); pass --label_column")
+        labels = np.asarray(self.all_columns.with_format("numpy")[column])
+        if isinstance(feature, datasets.ClassLabel):
+            names = list(feature.names)
+        elif len(labels) and np.issubdtype(labels.dtype, np.integer):  # integers without names: class k is "k"
+            names = [str(k) for k in range(max(int(labels.max()) + 1, 0))]
+        else:  # missing values: checked_labels says so
+            names = []
+        return checked_labels(self, names, labels)
+
 
 @dataclass(frozen=True)
 class ShapeFactors:
@@ -113,8 +161,13 @@ class ShapesSource(ImageSource):
     """The built-in dataset: one large coloured circle, square or triangle on a plain background."""
 
     SHAPES = ("circle", "square", "triangle")
-    COLORS = ((220, 30, 30), (30, 170, 60), (30, 90, 220), (250, 150, 20))  # red, green, blue, orange
+    COLORS = ((220, 30, 30), (30, 170, 60), (30, 90, 220), (250, 150, 20))
+    COLOR_NAMES = ("red", "green", "blue", "orange")
     BACKGROUNDS = ((245, 245, 245), (20, 20, 20))  # white and black both contrast with every colour
+    BACKGROUND_NAMES = ("white", "black")
+    # The 24 classes, shape x colour x background, in this order: label k is CLASSES[k], named CLASS_NAMES[k]
+    CLASSES = list(itertools.product(SHAPES, COLORS, BACKGROUNDS))
+    CLASS_NAMES = ["-".join(names) for names in itertools.product(SHAPES, COLOR_NAMES, BACKGROUND_NAMES)]
     SIDE = (0.4, 0.7)  # the side, as a fraction of the image; the shape lies wholly inside the image
     SUPERSAMPLE = 4  # draw at 4x and average down: anti-aliased edges even at 16 px
 
@@ -163,6 +216,12 @@ class ShapesSource(ImageSource):
     def describe(self, i: int) -> str:
         return f"built-in shapes image {i}"
 
+    def classes(self) -> tuple[list[str], torch.Tensor]:
+        """Each image's class, its (shape, colour, background), named like "circle-red-white"."""
+        index = {factors: k for k, factors in enumerate(self.CLASSES)}
+        labels = [index[f.shape, f.color, f.background] for f in map(self.factors, range(self.size))]
+        return checked_labels(self, list(self.CLASS_NAMES), labels)
+
 
 # The built-in images that evaluation uses: held out from every training run with a non-negative --seed (default 0).
 HELD_OUT_SEED = -1
@@ -203,8 +262,10 @@ def load_images(
     seed: int,
     builtin_size: int = 2048,
     split: str = "train",
+    label_column: str = "label",
 ) -> ImageSource:
-    """The images to train on: a Hub dataset, a local folder, or (given neither) the built-in shapes."""
+    """The images to train on: a Hub dataset, a local folder, or (given neither) the built-in shapes.
+    `label_column` names a Hub dataset's column of class labels, read only if the labels are asked for."""
     if dataset_name and train_data_dir:
         raise DataError(f"got both --dataset_name {dataset_name!r} and --train_data_dir {train_data_dir!r}; "
                         "pass only one")
@@ -233,7 +294,7 @@ def load_images(
                 "without network only datasets already in the cache load"
             ) from None
         raise DataError(f"could not load dataset {dataset_name!r} ({split} split): {reason}") from None
-    return HubSource(dataset_name, rows, split)
+    return HubSource(dataset_name, rows, split, label_column)
 
 
 def to_mode(image: Image.Image, mode: str) -> Image.Image:
@@ -283,12 +344,16 @@ class TrainingImages(torch.utils.data.Dataset):
     each is decoded when drawn. The crop, flip and scaling then run on the uint8 tensor, the same ops torchvision
     applies to a PIL image, so caching changes no pixel. An unreadable image is skipped, with a line naming it
     when `report` is on (train.py: on the main process).
+
+    With with_labels=True (class-conditional training), an item is (image, class label) instead; `class_names`
+    names the labels. The labels are read, and checked, once here.
     """
 
     def __init__(self, source: ImageSource, resolution: int, channels: int, center_crop: bool, random_flip: bool,
-                 cache_bytes: int = 0, progress: bool = False, report: bool = True):
+                 cache_bytes: int = 0, progress: bool = False, report: bool = True, with_labels: bool = False):
         if channels not in (1, 3):
             raise DataError(f"images can have 1 (grey) or 3 (RGB) channels, got {channels}")
+        self.class_names, self.labels = source.classes() if with_labels else (None, None)
         self.source, self.mode = source, "L" if channels == 1 else "RGB"
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.resize = transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BILINEAR)
@@ -309,10 +374,11 @@ class TrainingImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
+    def __getitem__(self, key: tuple[int, int]) -> torch.Tensor | tuple[torch.Tensor, int]:
         index, draw = key
-        image = crop_and_flip(self.decoded(index), self.resolution, self.center_crop, self.random_flip, draw)
-        return self.to_model_range(image)
+        used, image = self.readable(index)
+        image = self.to_model_range(crop_and_flip(image, self.resolution, self.center_crop, self.random_flip, draw))
+        return image if self.labels is None else (image, int(self.labels[used]))
 
     def _decode(self, i: int) -> torch.Tensor:
         """Image i as uint8 (channels, height, width), shorter side = resolution; raises UNREADABLE errors."""
@@ -346,6 +412,18 @@ class TrainingImages(torch.utils.data.Dataset):
 
     def decoded(self, index: int) -> torch.Tensor:
         """Image `index` as uint8 (channels, height, width), shorter side = resolution, before the crop and flip."""
+        return self.readable(index)[1]
+
+    def decoded_with_label(self, index: int) -> tuple[torch.Tensor, int]:
+        """decoded(index) and its class label (with_labels=True): the label of the image given in its place, if
+        image `index` is unreadable."""
+        if self.labels is None:
+            raise ValueError("decoded_with_label: these TrainingImages were made without with_labels=True")
+        used, image = self.readable(index)
+        return image, int(self.labels[used])
+
+    def readable(self, index: int) -> tuple[int, torch.Tensor]:
+        """(i, image i decoded), i = index unless image `index` is unreadable."""
         # An unreadable image is replaced by the next readable one, so one bad file does not stop a long run.
         for step in range(len(self.source)):
             i = (index + step) % len(self.source)
@@ -353,7 +431,7 @@ class TrainingImages(torch.utils.data.Dataset):
                 continue
             image = self.cache[i] if self.cache is not None else self._decode_or_none(i)
             if image is not None:
-                return image
+                return i, image
         raise DataError(f"none of the images could be read ({self.source.description}); see the lines above")
 
     @property

@@ -31,8 +31,7 @@ GRID_RESOLUTION, COARSE_STEP = 16, 1 / 32
 #   uniform noise  0.000 (94.9..113)    0.000 (108..118)      0.000 (113..119)
 VALID_RMSE = 6.0
 
-CLASSES = [(shape, color, background) for shape in ShapesSource.SHAPES for color in ShapesSource.COLORS
-           for background in ShapesSource.BACKGROUNDS]
+CLASSES = ShapesSource.CLASSES  # the built-in dataset's class labels: index k is label k
 WHITE, BLACK = (255, 255, 255), (0, 0, 0)
 
 
