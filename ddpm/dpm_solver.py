@@ -130,7 +130,7 @@ def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
 
 
 def alpha_sigma(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The VP pair (alpha_t, sigma_t) of a noise-to-signal ratio s = sigma_t / alpha_t, with alpha_t^2 + sigma_t^2 = 1."""
+    """The VP pair (alpha_t, sigma_t), alpha_t^2 + sigma_t^2 = 1, of a noise-to-signal ratio s = sigma_t / alpha_t."""
     alpha_t = 1 / ((sigma**2 + 1) ** 0.5)
     return alpha_t, sigma * alpha_t
 
@@ -159,12 +159,13 @@ class DPMSolverMultistepScheduler:
         self.step_index: int | None = None
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "DPMSolverMultistepScheduler":
-        """A DPMSolverMultistepScheduler from any scheduler's config (a DDPMScheduler's too): keys it does not
-        know, such as clip_sample, are dropped, and so are keys that a diffusers config marks as defaults
-        (`_use_default_values`), as diffusers' from_config does."""
+    def from_config(cls, config: Mapping[str, Any], **overrides: Any) -> "DPMSolverMultistepScheduler":
+        """A DPMSolverMultistepScheduler from any scheduler's config (a DDPMScheduler's too), with `overrides` on top.
+        As diffusers' from_config, keys it does not know (clip_sample) are dropped, and so are those a diffusers
+        config lists as left at their defaults (`_use_default_values`): DPM-Solver's own defaults apply there."""
         defaults_used = set(config.get("_use_default_values", ()))
-        return cls(**{key: value for key, value in config.items() if key in DEFAULT_CONFIG and key not in defaults_used})
+        kept = {key: value for key, value in config.items() if key in DEFAULT_CONFIG and key not in defaults_used}
+        return cls(**{**kept, **overrides})
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """Choose the timesteps t_0 > ... > t_{M-1} sampling visits and the noise levels of each, plus a last one to
@@ -177,7 +178,7 @@ class DPMSolverMultistepScheduler:
         clipped = torch.searchsorted(torch.flip(self.lambda_t, [0]), cfg["lambda_min_clipped"])
         timesteps = spaced_timesteps(int(num_inference_steps), (T - clipped).numpy().item(), cfg)
 
-        sigmas = np.array(((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5)
+        sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
         log_sigmas = np.log(sigmas)
         schedule = next((key for key in SIGMA_SCHEDULES if cfg[key]), None)
         if schedule is None:
