@@ -4,6 +4,7 @@
     scheduler/scheduler_config.json
     unet/config.json
     unet/diffusion_pytorch_model.safetensors
+    class_labels.json                            (class-conditional models: {"0": "circle-red-white", ...})
 
 Legacy hub repos (google/ddpm-cifar10-32) keep config.json, the weights and scheduler_config.json
 at the root; we read those too.
@@ -30,6 +31,7 @@ from .unet import UNet2DModel, unwrap_model
 
 DIFFUSERS_VERSION = "0.42.1"  # the diffusers release whose format we write
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+CLASS_LABELS_NAME = "class_labels.json"  # ours: diffusers' DDPMPipeline ignores it
 LEGACY_WEIGHTS_NAME = "diffusion_pytorch_model.bin"
 MODEL_INDEX = {
     "_class_name": "DDPMPipeline",
@@ -46,14 +48,18 @@ class PipelineLoadError(ValueError):
     """A pipeline folder that cannot be loaded: the message names the file or tensor at fault."""
 
 
-def save_pipeline(directory: str | os.PathLike, unet: nn.Module, scheduler: DDPMScheduler) -> None:
-    """Write `unet` and `scheduler` as a DDPMPipeline folder that `DDPMPipeline.from_pretrained` loads.
+def save_pipeline(directory: str | os.PathLike, unet: nn.Module, scheduler: DDPMScheduler,
+                  class_names: list[str] | None = None) -> None:
+    """Write `unet` and `scheduler` as a DDPMPipeline folder that `DDPMPipeline.from_pretrained` loads, and the
+    names of a class-conditional unet's classes, label k's at k, as class_labels.json (removed if None).
 
     Every file is written under a temporary name first and then renamed into place, so a crash at
     any moment leaves each file either the old complete one or the new complete one.
     """
     directory = Path(directory)
     unet = unwrap_model(unet)
+    if class_names is not None:
+        check_class_names(class_names, unet, "save_pipeline")
     state_dict = {strip_wrapper_prefixes(name): tensor.detach().contiguous().cpu()
                   for name, tensor in unet.state_dict().items()}
     files = {
@@ -63,6 +69,8 @@ def save_pipeline(directory: str | os.PathLike, unet: nn.Module, scheduler: DDPM
         directory / "unet" / "config.json":
             config_json({"_class_name": "UNet2DModel", "_diffusers_version": DIFFUSERS_VERSION, **unet.config}),
     }
+    if class_names is not None:
+        files[directory / CLASS_LABELS_NAME] = json.dumps(dict(enumerate(class_names)), indent=2) + "\n"
     weights_path = directory / "unet" / WEIGHTS_NAME
     temporary = {}
     for path, text in files.items():
@@ -72,6 +80,45 @@ def save_pipeline(directory: str | os.PathLike, unet: nn.Module, scheduler: DDPM
         weights_path, lambda tmp: save_file(state_dict, str(tmp), metadata={"format": "pt"}))
     for path, tmp in temporary.items():
         os.replace(tmp, path)
+    if class_names is None:
+        (directory / CLASS_LABELS_NAME).unlink(missing_ok=True)  # left by an earlier save: not this model's
+
+
+def check_class_names(class_names: list[str], unet: nn.Module, where: str) -> None:
+    """ValueError unless there is one name, a string, per class of `unet` (num_class_embeds = classes + 1)."""
+    config = unwrap_model(unet).config
+    classes = config["num_class_embeds"] - 1 if config["num_class_embeds"] and not config["class_embed_type"] else None
+    if len(class_names) != classes:
+        raise ValueError(f"{where}: {len(class_names)} class names for a UNet of num_class_embeds="
+                         f"{config['num_class_embeds']!r} and class_embed_type={config['class_embed_type']!r}; "
+                         "K class names go with num_class_embeds = K + 1 (the null label) and class_embed_type None")
+    not_strings = [name for name in class_names if not isinstance(name, str)]
+    if not_strings:
+        raise ValueError(f"{where}: class names must be strings, got {not_strings[0]!r}")
+
+
+def read_class_labels(directory: str | os.PathLike, unet: nn.Module | None = None) -> list[str] | None:
+    """The class names of a pipeline folder, label k's at k, from its class_labels.json; None if it has none.
+    Given the folder's `unet`, they must be one per class of it."""
+    path = Path(directory) / CLASS_LABELS_NAME
+    if not path.is_file():
+        return None
+    try:
+        mapping = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise PipelineLoadError(f"cannot parse {str(path)!r}: {error}") from None
+    if not isinstance(mapping, dict) or set(mapping) != {str(k) for k in range(len(mapping))}:
+        seen = f"keys {sorted(mapping)[:5]}" if isinstance(mapping, dict) else f"a JSON {type(mapping).__name__}"
+        raise PipelineLoadError(f"{str(path)!r} must map the labels \"0\", \"1\", ... to class names, got {seen}")
+    names = [mapping[str(k)] for k in range(len(mapping))]
+    try:
+        if unet is not None:
+            check_class_names(names, unet, str(path))
+        elif not all(isinstance(name, str) for name in names):
+            raise ValueError(f"{str(path)}: class names must be strings, got {names[:5]}")
+    except ValueError as error:
+        raise PipelineLoadError(str(error)) from None
+    return names
 
 
 def config_json(config: dict[str, Any]) -> str:
