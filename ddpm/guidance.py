@@ -54,6 +54,7 @@ class GuidedUNet(nn.Module):
             raise ValueError(f"class labels must be in [0, {self.null_label - 1}], or {self.null_label} for no class; "
                              f"got {outside[:5] or 'none'}")
         self.class_labels = labels.to(device)
+        self.training = unet.training  # generate() restores this mode after sampling, on the UNet too
 
     def labels_for(self, batch_size: int) -> torch.Tensor:
         """The labels of a batch: one label for all, or one per image."""

@@ -113,6 +113,13 @@ def test_guided_sampling_works_with_ddim_and_inside_fast_unet(unets):
     assert torch.equal(direct, wrapped) and direct.shape == (2, 3, 8, 8)
 
 
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_sampling_leaves_the_unet_in_the_mode_it_was_in(training):
+    unet = UNet2DModel(**CONFIG).train(training)
+    generate(GuidedUNet(unet, 1, 2.0), DDPMScheduler(), 1, torch.manual_seed(0), num_inference_steps=2)
+    assert all(module.training == training for module in unet.modules())
+
+
 def test_the_null_label_is_the_last_row_of_the_class_table(unets):
     assert null_label(unets[0]) == CLASSES
 
