@@ -1,6 +1,9 @@
-"""Sampling: DDPM Algorithm 2 or DDIM (Eq. 12), run exactly as diffusers' DDPMPipeline and DDIMPipeline run them."""
+"""Sampling: DDPM Algorithm 2, DDIM (Eq. 12) or DPM-Solver++, run exactly as diffusers' DDPMPipeline and DDIMPipeline
+run them."""
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -9,19 +12,43 @@ from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 from .ddim import DDIMScheduler
+from .dpm_solver import DPMSolverMultistepScheduler
 from .scheduler import DDPMScheduler, randn
 from .unet import unwrap_model
 
+Scheduler = DDPMScheduler | DDIMScheduler | DPMSolverMultistepScheduler
+
+# Every sampler a script offers (--sampler NAME): its scheduler class, and its step count unless told:
+# DDPMPipeline's 1000, DDIMPipeline's 50, and DPM-Solver's 20 (where its paper finds it near converged).
+SAMPLERS: dict[str, type[Scheduler]] = {
+    "ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler,
+}
+DEFAULT_STEPS: dict[str, int] = {"ddpm": 1000, "ddim": 50, "dpm": 20}
+
+
+def sampling_scheduler(sampler: str, config: Mapping[str, Any]) -> Scheduler:
+    """The scheduler that samples with `sampler` ("ddpm", "ddim" or "dpm"), built from a scheduler's config (the
+    training DDPMScheduler's): as diffusers' `pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
+    return SAMPLERS[sampler].from_config(config)
+
+
+def sampler_name(scheduler: Scheduler) -> str:
+    """The name in SAMPLERS of the scheduler's class."""
+    return next(name for name, cls in SAMPLERS.items() if isinstance(scheduler, cls))
+
 
 @torch.inference_mode()
-def generate(unet: nn.Module, scheduler: DDPMScheduler | DDIMScheduler, batch_size: int,
+def generate(unet: nn.Module, scheduler: Scheduler, batch_size: int,
              generator: torch.Generator | list[torch.Generator] | None = None,
              num_inference_steps: int | None = None, eta: float = 0.0, progress: bool = False) -> torch.Tensor:
     """Draw `batch_size` images; returns a CPU float tensor (B, C, H, W) in [0, 1].
 
     The same weights and `generator=torch.manual_seed(s)` give the same pixels as
     `DDPMPipeline(...)(batch_size, generator=torch.manual_seed(s), output_type="np")` (1000 steps by default),
-    or with a DDIMScheduler as `DDIMPipeline(...)(batch_size, generator=..., eta=eta)` (50 steps by default):
+    or with a DDIMScheduler as `DDIMPipeline(...)(batch_size, generator=..., eta=eta)` (50 steps by default),
+    or with a DPMSolverMultistepScheduler as a DDPMPipeline given that scheduler (20 steps by default here):
     one draw for x_T, then one per step that adds noise, in that order. A list of generators, one per image,
     draws each image's noise from its own generator, as those pipelines do with such a list.
     """
@@ -33,7 +60,7 @@ def generate(unet: nn.Module, scheduler: DDPMScheduler | DDIMScheduler, batch_si
         raise ValueError(f"generate: {len(generator)} generators for a batch of {batch_size} images; "
                          "pass one per image")
     if num_inference_steps is None:
-        num_inference_steps = 50 if is_ddim else 1000  # the pipelines' defaults
+        num_inference_steps = DEFAULT_STEPS[sampler_name(scheduler)]
     config = unwrap_model(unet).config
     size = config["sample_size"]
     if size is None:
@@ -47,7 +74,8 @@ def generate(unet: nn.Module, scheduler: DDPMScheduler | DDIMScheduler, batch_si
     x = randn((batch_size, config["in_channels"], height, width), generator, parameter.device, parameter.dtype)
     scheduler.set_timesteps(num_inference_steps)
     step_options = {"eta": eta} if is_ddim else {}
-    # Algorithm 2, lines 2-5: for t = T..1, x_{t-1} = mu_theta(x_t, t) + sigma_t z (DDIM: Eq. 12 over the tau_i)
+    # Algorithm 2, lines 2-5: for t = T..1, x_{t-1} = mu_theta(x_t, t) + sigma_t z (DDIM: Eq. 12 over the tau_i;
+    # DPM-Solver++: one multistep solver step from t_{i-1} to t_i)
     for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
         model_output = unet(x, t)
         x = scheduler.step(model_output, t, x, generator=generator, **step_options)
@@ -56,7 +84,7 @@ def generate(unet: nn.Module, scheduler: DDPMScheduler | DDIMScheduler, batch_si
     return (x / 2 + 0.5).clamp(0, 1).float().cpu()
 
 
-def generate_in_batches(unet: nn.Module, scheduler: DDPMScheduler | DDIMScheduler, count: int,
+def generate_in_batches(unet: nn.Module, scheduler: Scheduler, count: int,
                         generator: torch.Generator, num_inference_steps: int | None = None, batch_size: int = 64,
                         progress: bool = False) -> torch.Tensor:
     """`count` >= 1 images drawn by `generate` in batches of at most `batch_size`, one generator throughout."""
