@@ -153,11 +153,20 @@ def randn(shape: tuple[int, ...], generator: torch.Generator | list[torch.Genera
     """Standard normal noise. A CPU generator draws on the CPU and the result moves to `device`,
     so one seed gives the same numbers on any device (as diffusers' randn_tensor). A list of
     generators, one per image, draws image i's noise from generator i alone (as randn_tensor too)."""
-    if isinstance(generator, list):
-        draws = [torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]
-        return torch.cat(draws).to(device)
-    draw_device = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
+    device = torch.device(device)
+    generators = generator if isinstance(generator, list) else [generator]
+    share = (1, *shape[1:]) if isinstance(generator, list) else shape  # what each generator draws
+    if any(g is None or g.device.type != "cpu" for g in generators):  # the device's own RNG, or generators on it
+        draws = [torch.randn(share, generator=g, device=device if g is None else g.device, dtype=dtype)
+                 for g in generators]
+        return (torch.cat(draws) if len(draws) > 1 else draws[0]).to(device)
+    # Bound for a GPU, the CPU draw lands in page-locked memory and is copied without blocking: the host queues the
+    # copy and goes on, drawing the next step's noise while the GPU still runs this one. From pageable memory the
+    # copy would first wait for the GPU to finish all its queued work, at every step.
+    host = torch.empty(shape, dtype=dtype, pin_memory=device.type == "cuda")
+    for g, rows in zip(generators, host.split(share[0])):
+        torch.randn(share, generator=g, dtype=dtype, out=rows)
+    return host.to(device, non_blocking=True)
 
 
 class DDPMScheduler:

@@ -1,6 +1,12 @@
 """UNet2DModel.enable_fast_norm(): every GroupNorm keeps bf16 inputs and outputs under autocast, with
 fp32 statistics. Off by default; in fp32 it gives torch's GroupNorm numbers, under bf16 autocast the
-UNet stays within bf16 tolerance of the fp32 model, and the parameters and config do not change."""
+UNet stays within bf16 tolerance of the fp32 model, and the parameters and config do not change.
+
+Where the fast norm matters is CUDA: CUDA's autocast runs torch's GroupNorm in fp32 (fp32 out), the CPU's runs it
+in the input's dtype already. So on the CPU the tests check how the fast norm runs (outside autocast, in the input's
+dtype) and its precision; the tests parametrized with "cuda" (run only where a CUDA GPU is present) check that it
+returns bf16 where torch's norm returns fp32.
+"""
 
 import os
 
@@ -22,6 +28,8 @@ from oracle import (  # noqa: F401  (single_thread is an autouse fixture)
 # A cold inductor C++ build of a tiny UNet takes minutes on a 2-core CPU (tests/test_speed_options.py)
 RUN_INDUCTOR = os.environ.get("DDPM_TEST_INDUCTOR") == "1"
 SHAPES = {"image": (2, 32, 8, 8), "tokens": (2, 32, 64)}  # ResnetBlock2D's norms, and Attention's on (B, C, HW)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
 
 def fast_norm(channels: int = 32, groups: int = 8) -> GroupNorm:
@@ -102,22 +110,49 @@ def test_fast_group_norm_in_fp32_has_torch_group_norm_gradients(shape):
         assert measured(f"fast GroupNorm {name} gradient vs torch", relative_error(grad, expected)) <= 1e-5, name
 
 
-@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
-def test_fast_group_norm_under_bf16_autocast_returns_bf16_within_twice_the_rounding_of_the_fp32_norm(shape):
-    norm, x = fast_norm(), activations(shape).bfloat16()
-    expected = F.group_norm(x.float(), norm.num_groups, norm.weight, norm.bias, norm.eps)
+def test_fast_group_norm_runs_torchs_kernel_outside_autocast_in_the_inputs_dtype(monkeypatch):
+    calls = []  # (autocast on, input dtype, weight dtype, bias dtype) of each F.group_norm call
+    group_norm = F.group_norm
+
+    def recording_group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
+        calls.append((torch.is_autocast_enabled("cpu"), x.dtype, weight.dtype, bias.dtype))
+        return group_norm(x, num_groups, weight, bias, eps)
+
+    monkeypatch.setattr(F, "group_norm", recording_group_norm)  # torch's GroupNorm.forward calls it too
+    norm, x = fast_norm(), activations(SHAPES["image"]).bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
+        norm(x)
+        norm.fast = False
+        norm(x)
+    # the fast norm, then torch's: CUDA's autocast would cast the second call to fp32, never the first
+    assert calls == [(False,) + (torch.bfloat16,) * 3, (True, torch.bfloat16, torch.float32, torch.float32)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_fast_group_norm_under_bf16_autocast_returns_bf16_within_twice_the_rounding_of_the_fp32_norm(shape, device):
+    norm, x = fast_norm().to(device), activations(shape).bfloat16().to(device)
+    expected = F.group_norm(x.float(), norm.num_groups, norm.weight, norm.bias, norm.eps)
+    with torch.autocast(device, dtype=torch.bfloat16):
         actual = norm(x)
+        norm.fast = False
+        plain = norm(x)
     assert actual.dtype == torch.bfloat16
+    assert plain.dtype == (torch.float32 if device == "cuda" else torch.bfloat16)  # what the fast norm changes
     # the best a bf16 output can do is the fp32 norm rounded once; gamma and beta rounded to bf16 add some more
     # (1.43x in all on these inputs). Statistics summed in bf16 would not pass (2.7x)
     rounding = relative_error(expected.bfloat16(), expected)
     assert measured("fast GroupNorm bf16, error / rounding error", relative_error(actual, expected) / rounding) <= 2
 
 
-def test_fast_group_norm_keeps_a_channels_last_input_channels_last():
-    norm, x = fast_norm(), activations(SHAPES["image"]).contiguous(memory_format=torch.channels_last)
-    assert norm(x).is_contiguous(memory_format=torch.channels_last)
+@pytest.mark.parametrize("device", DEVICES)
+def test_fast_group_norm_gives_a_channels_last_input_the_layout_torchs_norm_gives(device):
+    norm = fast_norm().to(device)
+    x = activations(SHAPES["image"]).to(device).contiguous(memory_format=torch.channels_last)
+    expected = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+    assert norm(x).stride() == expected.stride()
+    if device == "cpu":  # torch's CPU kernel keeps channels_last
+        assert expected.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_unet_with_fast_norm_in_fp32_gives_the_plain_output_within_1e_6():
@@ -139,15 +174,21 @@ def test_channels_last_unet_with_fast_norm_gives_the_plain_output_within_1e_5():
     assert measured("UNet channels_last fast norm fp32 vs plain", relative_error(actual, expected)) <= 1e-5
 
 
-def test_unet_with_fast_norm_under_bf16_autocast_is_within_2e_2_of_the_fp32_model():
-    unet = tiny_unet().eval()
-    x0, _, timesteps = batch()
+@pytest.mark.parametrize("device", DEVICES)
+def test_unet_with_fast_norm_under_bf16_autocast_is_within_2e_2_of_the_fp32_model_with_bf16_norms(device):
+    unet = tiny_unet().eval().to(device)
+    x0, _, timesteps = (tensor.to(device) for tensor in batch())
+    norm_dtypes = []
+    for module in unet.modules():
+        if isinstance(module, GroupNorm):
+            module.register_forward_hook(lambda module, args, out: norm_dtypes.append(out.dtype))
     with torch.no_grad():
-        expected = unet(x0, timesteps)
+        expected = unet(x0, timesteps).float()
         unet.enable_fast_norm()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             actual = unet(x0, timesteps)
     assert actual.dtype == torch.bfloat16
+    assert norm_dtypes == [torch.float32] * 21 + [torch.bfloat16] * 21  # the fp32 model's norms, then the fast ones
     assert measured("UNet fast norm bf16 vs fp32", relative_error(actual, expected)) <= 2e-2
 
 
