@@ -2,7 +2,8 @@
 
 Three sources: a Hugging Face Hub dataset (--dataset_name), a local folder (--train_data_dir: image files, or
 MNIST-format IDX files, see ddpm/idx.py), or the built-in "shapes" dataset, which the package draws itself so a
-first run needs no download.
+first run needs no download. Each also gives its images' class labels, where they have classes (classes()), for
+class-conditional training.
 """
 
 import contextlib
