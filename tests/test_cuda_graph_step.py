@@ -1,6 +1,8 @@
-"""train.py --cuda_graph (ddpm/cuda_graph_step.py): the recorded step is train.py's step. On the CPU the step runs
-uncaptured and must equal the eager loop's arithmetic bit for bit (learning rate, EMA decay, clipping); on a GPU,
-train.py with and without the graph, and a graph run stopped and resumed."""
+"""train.py --cuda_graph (ddpm/cuda_graph_step.py). On the CPU nothing is captured: the tests there check the step's
+arithmetic with what a graph reads as device tensors (learning rate, EMA decay, the loss sum and the non-finite flag)
+against the eager loop's, bit for bit. What a graph changes (its capture, replays, the inputs copied before each
+replay, torchrun over NCCL) only the tests marked needs_cuda check, on a GPU: train.py with and without the graph,
+a graph run stopped and resumed, replays that never wait for the GPU, and a torchrun run."""
 
 import shutil
 import subprocess
@@ -67,7 +69,7 @@ def test_the_uncaptured_step_equals_train_pys_eager_step_bit_for_bit(snr_gamma):
     assert torch.equal(loss_sum, graphed_loss_sum) and not nonfinite
 
 
-def test_a_nonfinite_loss_is_flagged_on_the_device():
+def test_a_nonfinite_loss_sets_the_nonfinite_flag_tensor():
     scheduler = DDPMScheduler()
     unet, optimizer, _, ema = training_state(None)
     loss_sum, nonfinite = torch.zeros(()), torch.zeros((), dtype=torch.bool)
@@ -159,9 +161,10 @@ def test_replayed_steps_never_wait_for_the_gpu(tmp_path, monkeypatch):
 
 
 @needs_cuda
-def test_a_torchrun_graph_run_records_ddps_all_reduce_and_trains_as_one_process(tmp_path):
-    """torchrun with one process: DDP built on the recording stream, DDP_WARMUP_STEPS eager steps, then NCCL's
-    all-reduce recorded inside the graph; the training equals the plain graph run's up to float rounding."""
+def test_a_torchrun_graph_run_records_its_step_with_ddp_over_nccl_and_trains_as_one_process(tmp_path):
+    """torchrun with one process: DDP built on the recording stream, DDP_WARMUP_STEPS eager steps, then the step
+    recorded with DDP's NCCL all-reduce in it; the training equals the plain graph run's up to float rounding. (With
+    one rank the all-reduce changes no number: that ranks agree is test_distributed.py's check, uncaptured.)"""
     images = image_folder(tmp_path / "images", 40, (8, 8))
     # checkpoints at the recording step, DDP_WARMUP_STEPS + 1, and at the end, after 4 replays
     options = {**GPU_RUN, "train_data_dir": images, "cuda_graph": True, "max_train_steps": DDP_WARMUP_STEPS + 5,

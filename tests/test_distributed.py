@@ -405,9 +405,12 @@ def test_ddp_step_with_no_sync_accumulation_equals_a_single_process_step_on_all_
     assert_ddp_equals_single_process(two_ranks / f"accumulation-rank{rank}.pt")
 
 
-def test_the_cuda_graph_step_around_ddp_equals_train_pys_eager_ddp_step_on_each_rank(two_ranks):
+def test_the_uncaptured_graph_step_around_ddp_equals_train_pys_eager_ddp_step_on_each_rank(two_ranks):
+    # on the CPU (gloo) nothing is captured: this checks that the step's forward runs through DDP, whose all-reduce
+    # makes the ranks' gradients equal, and not through the plain UNet (its own gradients, ranks apart). The capture
+    # with NCCL: test_cuda_graph_step.py's torchrun test, on one GPU
     ranks = [torch.load(two_ranks / f"graph_steps-rank{rank}.pt") for rank in (0, 1)]
-    for result in ranks:  # the step records DDP's all-reduce, not the plain UNet's local gradients
+    for result in ranks:
         assert_same_tensors(result["eager"]["weights"], result["graph_step"]["weights"])
         assert_same_tensors(result["eager"]["ema"], result["graph_step"]["ema"])
         assert torch.equal(result["eager"]["loss_sum"], result["graph_step"]["loss_sum"])
