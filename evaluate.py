@@ -1,8 +1,10 @@
-"""Evaluate a trained DDPM: the variational bound in bits/dim (the NLL of the paper's Table 1), or the shapes score
-of its samples (for a model of the built-in shapes).
+"""Evaluate a trained DDPM: the variational bound in bits/dim (the NLL of the paper's Table 1), the FID and KID of
+its samples against its training data, or the shapes score of its samples (for a model of the built-in shapes).
 
 $ python evaluate.py ddpm-output --builtin_data --num_images 1000
 $ python evaluate.py ddpm-output --metric shapes --num_images 256
+$ python evaluate.py ddpm-output --metric fid --train_data_dir fashion-mnist --num_images 10000 --sampler ddim
+$ python evaluate.py --metric fid --images samples/ --reference cifar10-train/   (or a .npz of reference statistics)
 $ python evaluate.py google/ddpm-cifar10-32 --dataset_name cifar10 --split test --num_images 10000 \\
       --output_json cifar10.json --plot cifar10.png
 Under torchrun the images are split across the processes, one GPU each, and the figures gathered:
@@ -13,17 +15,25 @@ x_0 predictions and the discretised decoder (Eq. 13); see ddpm/likelihood.py. Th
 generator seeded with --seed, one draw of the batch's shape per timestep, for t = T..1, batch after batch: the
 order of the original code, so a figure is reproducible on any device. Under torchrun, process r > 0 seeds its
 generator from (--seed, r), so a figure depends on the number of processes too.
+
+fid: --num_images samples, image i drawn from its own generator seeded from (--seed, i) as sample.py --outdir draws
+it, so the figure does not depend on the batch size or the number of processes; their Inception features against
+the reference statistics of the training data (resized and center-cropped to the model's resolution, as training
+sees them), cached as a .npz in --fid_cache and reused while the data, settings and network are the same. KID
+beside it. The network, the resize and the formulas: ddpm/inception.py, ddpm/fid.py and docs/fid.md.
 """
 
 import argparse
 import importlib.util
 import json
 import random
+import re
 import sys
 import time
 from pathlib import Path
 from typing import NoReturn
 
+import numpy as np
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.utils.data import DataLoader
@@ -31,19 +41,24 @@ from tqdm.auto import tqdm
 
 from ddpm import DDIMScheduler, DDPMScheduler, PipelineLoadError, distributed, load_pipeline
 from ddpm.data import HELD_OUT_SEED, DataError, TrainingImages, load_images
+from ddpm.fid import (ReferenceImages, ReferenceStatistics, check_comparable, compare, default_cache_dir,
+                      features_of_dataset, features_of_images, reference_statistics)
 from ddpm.idx import has_split
+from ddpm.inception import RESIZES, InceptionError, load_inception
 from ddpm.likelihood import VARIANCES, VariationalBound, model_variance_of, x0_from_pixels
 from ddpm.pipeline_io import pipeline_folder
-from ddpm.sampling import generate_in_batches
+from ddpm.sampling import generate, generate_in_batches, image_generators
 from ddpm.shapes_score import VALID_RMSE, fit, score
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     add = p.add_argument
-    add("model_dir", metavar="MODEL_DIR", help="DDPMPipeline folder or Hugging Face Hub repo id")
-    add("--metric", choices=["bpd", "shapes"], default="bpd",
-        help="bpd: the bound in bits/dim on data; shapes: the shapes score of samples (default: bpd)")
+    add("model_dir", metavar="MODEL_DIR", nargs="?", default=None,
+        help="DDPMPipeline folder or Hugging Face Hub repo id (none with --images)")
+    add("--metric", choices=["bpd", "fid", "shapes"], default="bpd",
+        help="bpd: the bound in bits/dim on data; fid: FID and KID of samples against data; shapes: the shapes "
+             "score of samples (default: bpd)")
     add("--train_data_dir", default=None,
         help="bpd on a local folder of images, or of MNIST-format IDX files (their test split by default)")
     add("--dataset_name", default=None, help="bpd on a Hugging Face Hub dataset")
@@ -51,17 +66,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="the split of a Hub dataset (default: test) or of a folder of IDX files (train or test; default: test if "
              "it has t10k-* files)")
     add("--builtin_data", action="store_true", help=f"bpd on built-in shapes images of seed {HELD_OUT_SEED}, "
-                                                    "which no training run (with --seed >= 0) has seen")
+                                                    "which no training run (with --seed >= 0) has seen; fid against "
+                                                    "the 2,048 built-in shapes train.py trains on")
     add("--num_images", type=int, default=None,
-        help="images to evaluate, the first of the data, or samples to draw (default: 1000 for bpd, 256 for shapes)")
+        help="images to evaluate, the first of the data, or samples to draw (default: 1000 for bpd, 10000 for fid, "
+             "256 for shapes; with --images all of them)")
     add("--batch_size", type=int, default=64, help="images per forward pass, per process (default: 64)")
     add("--seed", type=int, default=0, help="seed of the noise (default: 0)")
     add("--variance", choices=VARIANCES, default=None,
         help="the reverse process variance sigma_t^2: beta~_t or beta_t (default: the scheduler config's)")
     add("--num_inference_steps", type=int, default=None,
-        help="denoising steps of the samples for --metric shapes (default: T with ddpm, 50 with ddim)")
+        help="denoising steps of the samples for --metric fid and shapes (default: T with ddpm, 50 with ddim)")
     add("--sampler", choices=["ddpm", "ddim"], default="ddpm",
-        help="how --metric shapes draws its samples: ddpm, or ddim (50 steps unless --num_inference_steps)")
+        help="how --metric fid and shapes draw their samples: ddpm, or ddim (50 steps unless --num_inference_steps)")
+    add("--images", default=None, help="fid: a folder of images to compare with --reference, instead of samples")
+    add("--reference", default=None,
+        help="fid: the reference, a folder of images (as they are) or a .npz of statistics (ours or pytorch-fid's), "
+             "instead of --dataset_name, --train_data_dir or --builtin_data")
+    add("--num_reference", type=int, default=None, help="fid: the first N reference images (default: all)")
+    add("--builtin_seed", type=int, default=0,
+        help="fid --builtin_data: the built-in shapes train.py draws with this --seed (default: 0)")
+    add("--inception", default=None,
+        help="fid: a TorchScript pool_3 network (float32 N x 3 x 299 x 299 of (p - 128) / 128 to N x 2048), "
+             "instead of torch-fidelity's, which is downloaded on first use; docs/fid.md")
+    add("--resize", choices=RESIZES, default=RESIZES[0],
+        help="fid: how images reach 299 x 299: legacy_tensorflow (TF1 bilinear, the papers' code), clean "
+             "(clean-fid's PIL bicubic) or legacy_pytorch (pytorch-fid's bilinear) (default: legacy_tensorflow)")
+    add("--fid_cache", default=None, help=f"fid: where reference statistics are cached (default: {default_cache_dir()})")
+    add("--num_workers", type=int, default=0, help="fid: processes that read and resize images (default: 0)")
     add("--output_json", default=None, help="write the figures to this JSON file")
     add("--plot", default=None, help="draw the bits per timestep into this image file (needs matplotlib)")
     add("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu",
@@ -75,6 +107,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     datasets = [name for name in ("train_data_dir", "dataset_name", "builtin_data") if getattr(args, name)]
     if len(datasets) > 1:
         parser.error(f"{' and '.join('--' + name for name in datasets)} name {len(datasets)} datasets; pass one")
+    check_fid_args(parser, args, datasets)
+    if args.model_dir is None and args.images is None:
+        parser.error("MODEL_DIR is missing (only --metric fid --images A --reference B goes without a model)")
     if args.metric == "bpd" and not datasets:
         parser.error("--metric bpd needs data: pass --train_data_dir, --dataset_name or --builtin_data")
     if args.metric == "shapes" and datasets:
@@ -82,15 +117,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.split is not None and not (args.dataset_name or args.train_data_dir):
         parser.error(f"--split {args.split!r} picks a split of a --dataset_name or of a folder of IDX files; "
                      "neither was given")
+    if args.split is None and args.metric == "fid":
+        args.split = "train"  # FID compares with the training set, as the papers do
     if args.split is None:  # the test split where there is one
         idx_test = args.train_data_dir and Path(args.train_data_dir).is_dir() and has_split(args.train_data_dir, "test")
         args.split = "test" if args.dataset_name or idx_test else "train"
     if args.metric == "bpd" and args.sampler != "ddpm":
         parser.error(f"--sampler {args.sampler} draws samples for --metric shapes; the bound of --metric bpd has none")
-    if args.metric == "shapes" and args.plot:
+    if args.metric != "bpd" and args.plot:
         parser.error("--plot draws the bits per timestep: it goes with --metric bpd")
-    args.num_images = args.num_images if args.num_images is not None else {"bpd": 1000, "shapes": 256}[args.metric]
-    for name in ("num_images", "batch_size", "num_inference_steps"):
+    if args.metric != "bpd" and args.variance:
+        parser.error(f"--variance sets the bound's sigma_t^2: it goes with --metric bpd, not {args.metric}")
+    defaults = {"bpd": 1000, "shapes": 256, "fid": None if args.images else 10000}
+    args.num_images = args.num_images if args.num_images is not None else defaults[args.metric]
+    if args.metric == "fid" and args.num_images is not None and args.num_images < 2:
+        parser.error(f"--num_images must be at least 2 for fid (a covariance needs two images), got {args.num_images}")
+    for name in ("num_images", "batch_size", "num_inference_steps", "num_reference"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -104,6 +146,34 @@ def parse_args(argv=None) -> argparse.Namespace:
         if Path(args.plot).suffix.lower().lstrip(".") not in formats:
             parser.error(f"--plot {args.plot!r}: unknown image file extension; use one of .{', .'.join(formats)}")
     return args
+
+
+def check_fid_args(parser: argparse.ArgumentParser, args: argparse.Namespace, datasets: list[str]) -> None:
+    """The flags of --metric fid: which reference, which images, and none of them with another metric."""
+    fid_only = [name for name in ("images", "reference", "num_reference", "inception", "fid_cache")
+                if getattr(args, name) is not None]
+    if args.metric != "fid":
+        if fid_only:
+            parser.error(f"--{fid_only[0]} goes with --metric fid, not {args.metric}")
+        return
+    if args.images is not None:
+        if args.model_dir is not None:
+            parser.error(f"--images compares a folder with --reference; it takes no MODEL_DIR (got {args.model_dir!r})")
+        if args.reference is None:
+            parser.error("--images A needs --reference B: a folder of images or a .npz of statistics")
+        if not Path(args.images).is_dir():
+            parser.error(f"--images {args.images!r} is not a folder")
+    if args.reference is not None and datasets:
+        parser.error(f"--reference and --{datasets[0]} both name the reference; pass one")
+    if args.reference is None and not datasets and args.model_dir is not None:
+        parser.error("--metric fid needs a reference: the training data (--dataset_name, --train_data_dir or "
+                     "--builtin_data) or --reference (a folder of images or a .npz of statistics)")
+    if args.reference is not None and not (Path(args.reference).is_dir() or Path(args.reference).is_file()):
+        parser.error(f"--reference {args.reference!r}: no such folder or file")
+    if args.reference is not None and Path(args.reference).is_file() and args.num_reference is not None:
+        parser.error(f"--num_reference picks reference images; the statistics in {args.reference!r} are fixed")
+    if args.num_workers < 0:
+        parser.error(f"--num_workers must be at least 0, got {args.num_workers}")
 
 
 def fail(message: str) -> NoReturn:
@@ -215,6 +285,102 @@ def evaluate_shapes(args: argparse.Namespace, unet, scheduler, ctx: distributed.
           "denoising steps)")
 
 
+def fid_reference(args: argparse.Namespace, network, resolution: int | None, channels: int | None,
+                  ctx: distributed.Context) -> ReferenceStatistics | None:
+    """The reference statistics (on the main process): a .npz as it is, else computed once and cached."""
+    if args.reference and Path(args.reference).is_file():
+        reference = ReferenceStatistics.load(args.reference) if ctx.is_main else None
+        if reference is not None:
+            check_comparable(reference, network, args.resize)
+        return reference
+    if args.reference:
+        images = ReferenceImages.of_folder(args.reference, args.num_reference)
+    else:
+        data_dir = args.train_data_dir and str(Path(args.train_data_dir).resolve())  # the cache is found from anywhere
+        source = load_images(args.dataset_name, None, data_dir, None, resolution, args.builtin_seed,
+                             builtin_size=args.num_reference or 2048, split=args.split)
+        images = ReferenceImages.of_data(source, resolution, channels, args.num_reference, args.split)
+    start = time.perf_counter()
+    reference = reference_statistics(images, network, args.resize, args.fid_cache, args.batch_size, args.num_workers,
+                                     ctx)
+    if ctx.is_main:
+        print(f"reference: {reference.describe()}, ready in {time.perf_counter() - start:.1f} s")
+    return reference
+
+
+def model_step(model_dir: str) -> int | None:
+    """The training step train.py wrote into the folder's model card ("step 1,200 of 5,000"), if it did."""
+    card = Path(model_dir) / "README.md"
+    found = re.search(r"; step ([\d,]+) of [\d,]+\.", card.read_text()) if card.is_file() else None
+    return int(found[1].replace(",", "")) if found else None
+
+
+def evaluate_fid(args: argparse.Namespace, unet, scheduler, ctx: distributed.Context) -> None:
+    """FID and KID of --num_images samples of the model (or of the --images folder) against the reference."""
+    try:
+        network = load_inception(args.inception, ctx.device)
+        resolution = resolution_of(unet.config, args.model_dir) if unet is not None else None
+        channels = None if unet is None else unet.config["in_channels"]
+        reference = fid_reference(args, network, resolution, channels, ctx)
+        if unet is None:
+            images = ReferenceImages.of_folder(args.images, args.num_images)
+            count, sampling_s = len(images), 0.0
+            start = time.perf_counter()
+            features = features_of_dataset(images, shard(count, ctx), network, args.resize, args.batch_size,
+                                           args.num_workers, progress=ctx.is_main, desc=f"features of {count} images")
+            features_s = time.perf_counter() - start
+        else:
+            count = args.num_images
+            features, sampling_s, features_s = sample_features(args, unet, scheduler, network, ctx)
+    except (DataError, InceptionError) as error:
+        fail(str(error))
+    gathered = distributed.gather_to_main(ctx, (features, sampling_s, features_s))
+    if not ctx.is_main:
+        return
+    start = time.perf_counter()
+    figures = compare(np.concatenate([g[0] for g in gathered]), reference)
+    statistics_s = time.perf_counter() - start
+    sampling_s, features_s = max(g[1] for g in gathered), max(g[2] for g in gathered)
+    figures.update(reference={"description": reference.describe(), **reference.provenance,
+                              "path": str(reference.path) if reference.path else None},
+                   resize=args.resize, inception=network.sha256,
+                   seconds={"sampling": sampling_s, "features": features_s, "statistics": statistics_s})
+    if unet is not None:
+        figures.update(model=args.model_dir, sampler=args.sampler, steps=args.num_inference_steps, seed=args.seed,
+                       model_step=model_step(args.model_dir))
+        what = f"{count} samples ({args.sampler}, {args.num_inference_steps} steps, seed {args.seed})"
+        print(f"sampled {count} images in {sampling_s:.1f} s ({count / max(sampling_s, 1e-9):.3g} images/s) on "
+              f"{ctx.world_size} process(es)")
+    else:
+        what = f"{count} images of {args.images}"
+    print(f"Inception features of {count} images in {features_s:.1f} s ({count / max(features_s, 1e-9):.3g} "
+          f"images/s); FID and KID from them in {statistics_s:.1f} s")
+    if args.output_json:
+        write_json(args.output_json, figures)
+    kid = "n/a (the reference has no features)" if figures["kid_mean"] is None else \
+        f"{figures['kid_mean']:.5f} +- {figures['kid_std']:.5f}"
+    print(f"FID {figures['fid']:.3f}, KID {kid}: {what} against {reference.describe()}; Inception "
+          f"{network.sha256[:12]}, resize {args.resize}")
+
+
+def sample_features(args: argparse.Namespace, unet, scheduler, network, ctx: distributed.Context):
+    """This process's share of the samples, drawn as sample.py --outdir draws them, as Inception features; and the
+    seconds spent sampling and computing features."""
+    mine = list(shard(args.num_images, ctx))
+    features, sampling_s, features_s = [], 0.0, 0.0
+    for start in tqdm(range(0, len(mine), args.batch_size), desc=f"samples and features ({len(mine)} images)",
+                      unit="batch", disable=not ctx.is_main, dynamic_ncols=True):
+        indices = mine[start:start + args.batch_size]
+        clock = time.perf_counter()
+        images = generate(unet, scheduler, len(indices), image_generators(args.seed, indices),
+                          args.num_inference_steps)
+        sampling_s += time.perf_counter() - clock
+        clock = time.perf_counter()
+        features.append(features_of_images(images, network, args.resize, args.batch_size))
+        features_s += time.perf_counter() - clock
+    return (np.concatenate(features) if features else np.zeros((0, 2048), np.float32)), sampling_s, features_s
+
+
 def write_json(path: str, figures: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(figures, indent=2) + "\n")
@@ -246,6 +412,11 @@ def plot_bits_per_timestep(per_timestep: list[float], prior: float, path: str) -
 @record  # under torchrun, a failing rank's traceback goes into the launcher's error summary
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.images is not None:  # two folders, no model
+        ctx = distributed.setup(args.device, timeout_s=1800)
+        evaluate_fid(args, None, None, ctx)
+        distributed.cleanup(ctx)
+        return
     try:
         unet, scheduler = load_pipeline(pipeline_folder(args.model_dir), dtype=torch.float32,
                                         scheduler_class=DDIMScheduler if args.sampler == "ddim" else DDPMScheduler)
@@ -254,13 +425,15 @@ def main(argv=None) -> None:
     resolution = resolution_of(unet.config, args.model_dir)
     T = scheduler.config["num_train_timesteps"]
     args.num_inference_steps = args.num_inference_steps or (50 if args.sampler == "ddim" else T)
-    if args.metric == "shapes" and args.num_inference_steps > T:
+    if args.metric != "bpd" and args.num_inference_steps > T:
         fail(f"--num_inference_steps {args.num_inference_steps} exceeds the {T} training timesteps of "
              f"{args.model_dir!r}")
     ctx = distributed.setup(args.device, timeout_s=1800)
     unet.to(ctx.device).eval()  # dropout off; the folder's weights are the EMA ones when training used EMA
     if args.metric == "bpd":
         evaluate_bpd(args, unet, scheduler, resolution, ctx)
+    elif args.metric == "fid":
+        evaluate_fid(args, unet, scheduler, ctx)
     else:
         evaluate_shapes(args, unet, scheduler, ctx)
     distributed.cleanup(ctx)
