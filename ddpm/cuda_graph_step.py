@@ -9,10 +9,10 @@ from step to step lives in device tensors that the graph reads, filled before ea
     the batch, eps and t        static buffers, copied into (eps and t are still drawn by train.py's generator,
                                 so the noise, and exact resume, are as without a graph)
     the learning rate           a 0-dim tensor in AdamW's param group while it records (capturable, fused AdamW);
-                                train.py's LR schedule keeps writing floats, copied into the tensor before a replay
+                                train.py keeps writing floats to the group, copied into the tensor before a replay
     the EMA's 1 - decay         a 0-dim tensor (EMA.move_towards)
 
-The step itself is train.py's: L_simple (ddpm/loss.py) under autocast, backward, gradient clipping, AdamW, the EMA.
+The step itself is EagerStep's (ddpm/train_step.py): L_simple (ddpm/loss.py) under autocast, backward, gradient clipping, AdamW, the EMA.
 Its first WARMUP_STEPS calls run eagerly on a side stream (torch.compile compiles, cuDNN picks its kernels, AdamW
 makes its state); the next one records the graph, with the gradients unset so that each replay writes them afresh
 (never accumulates), and replays it. Every call is one real optimizer step.
@@ -66,18 +66,19 @@ def on_side_stream(stream: torch.cuda.Stream | None):
 
 
 class CudaGraphStep:
-    """Call with a batch, its noise and timesteps: one optimizer step, replayed from a CUDA graph after the first
-    `warmup_steps` (WARMUP_STEPS, or DDP_WARMUP_STEPS when `model` is DDP). `loss_sum` and `nonfinite` are
-    train.py's running tensors, added to in place; `grad_norm` holds the last step's gradient norm (before
-    clipping). `stream`: recording_stream(device), the one DDP was built on, if any."""
+    """ddpm/train_step.py's EagerStep, replayed from a CUDA graph after the first `warmup_steps` (WARMUP_STEPS, or
+    DDP_WARMUP_STEPS when `model` is DDP): `accumulate` one micro-batch, then `update`. `loss_sum` and `nonfinite`
+    are running tensors added to in place; `grad_norm` holds the last step's gradient norm (before clipping).
+    `stream`: recording_stream(device), the one DDP was built on, if any."""
 
     def __init__(self, model: nn.Module, unet: nn.Module, scheduler: DDPMScheduler, optimizer: torch.optim.Optimizer,
                  ema: EMA | None, autocast_dtype: torch.dtype | None, snr_gamma: float | None, max_grad_norm: float,
-                 loss_sum: torch.Tensor, nonfinite: torch.Tensor, stream: torch.cuda.Stream | None = None):
+                 device: torch.device, stream: torch.cuda.Stream | None = None):
         self.model, self.unet, self.scheduler, self.optimizer, self.ema = model, unet, scheduler, optimizer, ema
         self.snr_gamma, self.max_grad_norm = snr_gamma, max_grad_norm
-        self.loss_sum, self.nonfinite = loss_sum, nonfinite
-        self.device = loss_sum.device
+        self.device = device
+        self.loss_sum = torch.zeros((), device=device)
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         # the autocast cache of cast weights must not outlive the capture: each replay casts afresh
         self.autocast = (torch.autocast(self.device.type, dtype=autocast_dtype, cache_enabled=False)
                          if autocast_dtype is not None else nullcontext())
@@ -91,13 +92,18 @@ class CudaGraphStep:
         self.capture = self.device.type == "cuda"
         self.stream = stream or recording_stream(self.device)  # warm-up and recording, off the default stream
 
-    def __call__(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> None:
+    def accumulate(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> None:
+        """The step's one micro-batch, copied into the graph's inputs."""
         if self.x0 is None:
             self.x0, self.noise, self.timesteps = (torch.empty_like(x0), torch.empty_like(noise),
                                                    torch.empty_like(timesteps))
         self.x0.copy_(x0)
         self.noise.copy_(noise)
         self.timesteps.copy_(timesteps)
+
+    def update(self, step: int) -> bool:
+        """The whole step on the micro-batch given: eager during the warm-up, recorded at the next call, replayed
+        after. Always True: no step is skipped. (`step`: the same call as EagerStep.update.)"""
         for tensor, group in zip(self.learning_rates, self.optimizer.param_groups):
             tensor.fill_(group["lr"])  # where the LR schedule stands now
         if self.ema is not None:
@@ -120,6 +126,7 @@ class CudaGraphStep:
                 self._step()
             self.graph = graph
             self.graph.replay()  # recording ran nothing: this is the step
+        return True
 
     def release(self) -> None:
         """Free the graph. Under torchrun, before the process group is destroyed: a graph that recorded NCCL

@@ -1,7 +1,7 @@
 """Learning-rate schedules, as the factor LambdaLR multiplies the optimizer's lr by.
 
-Same values as diffusers.optimization.get_scheduler. `step` counts optimizer steps:
-the caller steps the scheduler once after each optimizer step.
+Same values as diffusers.optimization.get_scheduler. `step` counts the optimizer updates done
+(an fp16 step that GradScaler skipped does not count).
 """
 
 import math
@@ -63,15 +63,21 @@ def lr_lambda(name: str, warmup_steps: int, total_steps: int,
     }[name]
 
 
+def learning_rate(name: str, peak: float, step: int, warmup_steps: int, total_steps: int,
+                  anchor: tuple[int, float] | None = None) -> float:
+    """The learning rate of the update after `step` updates (a pure function of the step, set before each
+    update, as nanoGPT's get_lr): `peak` times schedule `name`'s factor, the product LambdaLR takes."""
+    return peak * lr_lambda(name, warmup_steps, total_steps, anchor)(step)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def make_lr_scheduler(
     optimizer: torch.optim.Optimizer, name: str, warmup_steps: int, total_steps: int, step: int = 0,
     anchor: tuple[int, float] | None = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR following schedule `name`; call its .step() once per optimizer step.
-
-    With `step`, it takes over from an earlier scheduler of the same optimizer after that many steps (when
-    --max_train_minutes has fitted total_steps, and `anchor` where the decay stood) and sets the optimizer's lr
-    for that step.
-    """
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(name, warmup_steps, total_steps, anchor),
                                              last_epoch=step - 1)

@@ -11,7 +11,10 @@ the budget, and on a machine as fast as before it ends at the same step with the
 import math
 import time
 
+from tqdm.auto import tqdm
+
 from . import distributed
+from .lr_schedule import decay_progress
 
 # the clock of the budget (tests replace it)
 clock = time.perf_counter
@@ -115,3 +118,20 @@ class TimeBudget:
             return None
         total, how = self.steps_that_fit(step, cap)
         return int(distributed.from_main(ctx, total)), how
+
+    def refit(self, ctx: distributed.Context, run, check_every: int, cap: int | None) -> bool:
+        """Called after each step with the run's state (training_state.RunState): when a fit is due, prints how it
+        went, sets run.total_steps to the new count and returns True if it changed. The LR decay then goes on from
+        where it stands (run.lr_anchor) to the new end."""
+        fit = self.fit_when_due(ctx, run.step, check_every, cap)
+        if fit is None:
+            return False
+        total, how = fit
+        if how and ctx.is_main:
+            tqdm.write(how)
+        if total == run.total_steps:
+            return False
+        if run.total_steps != NOT_YET_FITTED:  # fitted again: the decay goes on from where it stands
+            run.lr_anchor = (run.step, decay_progress(run.step, self.warmup_steps, run.total_steps, run.lr_anchor))
+        run.total_steps, run.lr_step = total, run.step
+        return True

@@ -18,56 +18,91 @@ DESCRIPTION = ("Train a DDPM image model. A preset (--preset) sets the recipe; e
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=DESCRIPTION,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add = p.add_argument
-    add("--preset", default="quickstart", choices=sorted(PRESETS),
-        help="a named recipe; flags given explicitly override its values (defaults shown are quickstart's)")
-    add("--dataset_name", default=None,
-        help="Hugging Face Hub dataset; neither this nor --train_data_dir: built-in shapes")
+    p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default="quickstart", choices=sorted(PRESETS),
+                   help="a named recipe; flags given explicitly override its values (defaults shown are quickstart's)")
+
+    add = p.add_argument_group("data").add_argument
+    add("--dataset_name", default=None, help="a Hugging Face Hub dataset; with neither this nor --train_data_dir: "
+        "the built-in shapes")
     add("--dataset_config_name", default=None, help="the Hub dataset's config name")
     add("--train_data_dir", default=None, help="a local folder of images, or of MNIST-format IDX files (train-*)")
-    add("--builtin_data", action="store_true",
-        help="the built-in shapes dataset, also with a preset that names another")
+    add("--builtin_data", action="store_true", help="the built-in shapes, also with a preset that names other data")
     add("--cache_dir", default=None, help="where datasets caches Hub downloads")
-    add("--output_dir", default="ddpm-output", help="pipeline folder, samples/, logs/ and checkpoints")
     add("--resolution", type=int, default=None, help="image size; must be divisible by 2^(levels-1)")
     add("--center_crop", action="store_true", help="center-crop instead of random-crop after resizing")
     add("--random_flip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips")
-    add("--train_batch_size", type=int, default=None, help="images per device per micro-step")
-    add("--eval_batch_size", type=int, default=None, help="images in each sample grid")
     add("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes per device")
     add("--cache_images", action=argparse.BooleanOptionalAction, default=True,
-        help=f"decode the images once and keep them in memory when they fit in {CACHE_BYTES / 2**30:g} GiB "
-             "(per process); else each is decoded when drawn")
+        help=f"keep the decoded images in memory when they fit in {CACHE_BYTES / 2**30:g} GiB per process")
     add("--device_data", action=argparse.BooleanOptionalAction, default=True,
-        help="keep the decoded images on the training device as one tensor and draw the batches there, without a "
-             "DataLoader; needs --cache_images and no random crops (images resolution x resolution after resizing, "
-             "or --center_crop); else one line says why")
+        help="draw the batches from the cached images on the training device, without a DataLoader (needs "
+             "--cache_images and no random crops; else one line says why)")
+
+    add = p.add_argument_group("model and algorithm").add_argument
+    add("--model_config_name_or_path", default=None, help="a UNet config.json (or a folder holding one)")
+    add("--prediction_type", default="epsilon", choices=["epsilon", "sample", "v_prediction"],
+        help="what the UNet predicts: eps (the paper's), x_0, or v")
+    add("--snr_gamma", type=float, default=None,
+        help="min-SNR-gamma loss weighting (Hang et al. 2023); off when not given (the paper's L_simple)")
+    add("--ddpm_num_steps", type=int, default=1000, help="T, the number of diffusion steps")
+    add("--ddpm_beta_schedule", default="linear", choices=["linear", "scaled_linear", "squaredcos_cap_v2"],
+        help="the betas: linear is the paper's, squaredcos_cap_v2 the cosine schedule of Nichol & Dhariwal")
+
+    add = p.add_argument_group("optimisation").add_argument
+    add("--train_batch_size", type=int, default=None, help="images per device per micro-step")
+    add("--gradient_accumulation_steps", type=int, default=1, help="micro-steps per optimizer step")
     add("--num_epochs", type=int, default=None,
         help="passes over the data, 100 unless a preset says (ignored with --max_train_steps or --max_train_minutes)")
     add("--max_train_steps", type=int, default=None, help="optimizer steps to train; overrides --num_epochs")
     add("--max_train_minutes", type=float, default=None,
-        help="train as many optimizer steps as fit in this many minutes (grids included), counted from the step "
-             "rate at the end of the LR warmup and again every twentieth of the budget, and kept by checkpoints (at "
-             "most --max_train_steps if given too); a preset's budget is dropped when --max_train_steps or "
-             "--num_epochs is given")
-    add("--save_images_epochs", type=int, default=None, help="write a sample grid every N epochs (and at the end)")
-    add("--save_model_epochs", type=int, default=None, help="write the pipeline every N epochs (and at the end)")
-    add("--gradient_accumulation_steps", type=int, default=1, help="micro-steps per optimizer step")
+        help="as many optimizer steps as fit in this many minutes, grids included (at most --max_train_steps); a "
+             "preset's budget is dropped when --max_train_steps or --num_epochs is given")
     add("--learning_rate", type=float, default=None, help="peak learning rate")
     add("--lr_scheduler", default=None, choices=["constant", "constant_with_warmup", "linear", "cosine"],
         help="learning-rate schedule, counted in optimizer steps")
     add("--lr_warmup_steps", type=int, default=None, help="linear warmup, in optimizer steps")
-    add("--adam_beta1", type=float, default=0.95)
-    add("--adam_beta2", type=float, default=0.999)
-    add("--adam_weight_decay", type=float, default=1e-6)
-    add("--adam_epsilon", type=float, default=1e-8)
+    add("--adam_beta1", type=float, default=0.95, help="AdamW's beta1")
+    add("--adam_beta2", type=float, default=0.999, help="AdamW's beta2")
+    add("--adam_weight_decay", type=float, default=1e-6, help="AdamW's weight decay")
+    add("--adam_epsilon", type=float, default=1e-8, help="AdamW's epsilon")
     add("--max_grad_norm", type=float, default=1.0, help="gradient clipping (after fp16 unscaling)")
     add("--use_ema", action=argparse.BooleanOptionalAction, default=None, help="sample from EMA weights")
-    add("--ema_inv_gamma", type=float, default=1.0)
-    add("--ema_power", type=float, default=0.75)
-    add("--ema_max_decay", type=float, default=0.9999)
+    add("--ema_inv_gamma", type=float, default=1.0, help="EMA warmup: decay 1 - (1 + step / inv_gamma)^-power")
+    add("--ema_power", type=float, default=0.75, help="EMA warmup's power")
+    add("--ema_max_decay", type=float, default=0.9999, help="the EMA decay's ceiling")
+    add("--seed", type=int, default=0, help="seeds weights, data order, noise and sample grids")
+
+    add = p.add_argument_group("performance").add_argument
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    add("--mixed_precision", default="no", choices=["no", "fp16", "bf16", "auto"],
+        help="autocast dtype; auto: bf16 on a GPU that has it, else no (fp32)")
+    add("--gradient_checkpointing", action="store_true",
+        help="recompute each UNet block in the backward pass: less activation memory, more compute")
+    add("--channels_last", action="store_true",
+        help="channels_last weights and images; with --compile, Inductor keeps the layout throughout")
+    add("--fast_norm", action="store_true",
+        help="GroupNorm keeps bf16/fp16 inputs and outputs under autocast, with fp32 statistics")
+    add("--compile", action=argparse.BooleanOptionalAction, default=False,
+        help="torch.compile the UNet for training (the first step compiles); a preset may turn it on for GPUs")
+    add("--cuda_graph", action="store_true",
+        help="record the whole training step (forward, backward, clipping, AdamW, EMA) as one CUDA graph and replay "
+             "it; not with gradient accumulation, fp16 or gradient checkpointing")
+    add("--ddp_timeout", type=float, default=1800, help="seconds a collective may wait before the job fails")
+
+    add = p.add_argument_group("checkpoints and output").add_argument
+    add("--output_dir", default="ddpm-output", help="pipeline folder, samples/, logs/ and checkpoints")
+    add("--checkpointing_steps", type=int, default=500, help="write a checkpoint every N optimizer steps")
+    add("--checkpoints_total_limit", type=int, default=None, help="keep at most N checkpoints")
+    add("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
+    add("--save_images_epochs", type=int, default=None, help="write a sample grid every N epochs (and at the end)")
+    add("--save_model_epochs", type=int, default=None, help="write the pipeline every N epochs (and at the end)")
+    add("--eval_batch_size", type=int, default=None, help="images in each sample grid")
+    add("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="the sampler that draws the sample grids")
+    add("--ddpm_num_inference_steps", type=int, default=None,
+        help="denoising steps for sample grids (with --sampler ddim, 50 unless given)")
+
+    add = p.add_argument_group("logging and Hub").add_argument
     add("--logging_dir", default="logs", help="log folder, inside output_dir")
     add("--logger", default="tensorboard", choices=["tensorboard", "wandb"],
         help="where losses and sample grids go; wandb needs pip install -e '.[wandb]' (WANDB_MODE=offline: no network)")
@@ -79,47 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="Hub token; others can read it in `ps`, so prefer the default: HF_TOKEN or the saved `hf auth login`")
     add("--hub_private_repo", action="store_true", help="create the Hub repo private")
     add("--hub_license", default="apache-2.0", help="license in the model card (output_dir/README.md), a Hub id")
-    add("--mixed_precision", default="no", choices=["no", "fp16", "bf16", "auto"],
-        help="autocast dtype; auto (the cifar10-32 preset's): bf16 on a GPU that has it, else no (fp32)")
-    add("--prediction_type", default="epsilon", choices=["epsilon", "sample", "v_prediction"])
-    add("--snr_gamma", type=float, default=None,
-        help="min-SNR-gamma loss weighting (Hang et al. 2023; 5 is the paper's choice); off when not given")
-    add("--ddpm_num_steps", type=int, default=1000, help="T, the number of diffusion steps")
-    add("--ddpm_num_inference_steps", type=int, default=None,
-        help="denoising steps for sample grids (with --sampler ddim, 50 unless given)")
-    add("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="the sampler that draws the sample grids")
-    add("--ddpm_beta_schedule", default="linear", choices=["linear", "scaled_linear", "squaredcos_cap_v2"])
-    add("--checkpointing_steps", type=int, default=500, help="write a checkpoint every N optimizer steps")
-    add("--checkpoints_total_limit", type=int, default=None, help="keep at most N checkpoints")
-    add("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
-    add("--model_config_name_or_path", default=None, help="a UNet config.json (or a folder holding one)")
-    add("--gradient_checkpointing", action="store_true",
-        help="recompute each UNet block in the backward pass: ~90%% less activation memory, ~+27%% step time")
-    add("--channels_last", action="store_true",
-        help="channels_last weights and images (measured 35%% slower for the tutorial UNet on an H100, eager bf16); "
-             "with --compile, Inductor is told to keep the layout throughout")
-    add("--fast_norm", action="store_true",
-        help="GroupNorm keeps bf16/fp16 inputs and outputs under autocast, fp32 statistics: fewer bytes written in "
-             "eager mode; not yet measured on a GPU, and under --compile Inductor fuses the fp32 norm's casts itself "
-             "(docs/benchmarks.md)")
-    add("--compile", action=argparse.BooleanOptionalAction, default=False,
-        help="torch.compile the UNet for training (the first step compiles: 94 s for the CIFAR-10 UNet on an H100); "
-             "a preset may turn it on for GPUs, where it measured faster (cifar10-32: 1.14x the images/s on an H100)")
-    add("--cuda_graph", action="store_true",
-        help="capture the whole training step (forward, backward, clipping, AdamW, EMA) as one CUDA graph and replay "
-             "it, after 3 eager steps (12 under torchrun, where DDP's all-reduce is recorded too), and the sample "
-             "grids' denoising forward too, in the training precision: for small kernels, e.g. the CIFAR-10 UNet (its "
-             "model step 2.2x as fast on an H100 eager, 3.1x with --compile); not with gradient accumulation, fp16 or "
-             "gradient checkpointing")
+
+    add = p.add_argument_group("evaluation").add_argument
     add("--score_images", type=int, default=0,
         help="on the built-in data: the shapes score of this many samples at the end, drawn as the grids are")
     add("--eval_bpd_images", type=int, default=0,
         help="at each pipeline save, log an unbiased estimate of bits/dim (eval/bpd_estimate) on N held-out images "
-             "(built-in shapes of another seed, an IDX folder's test split), or on the first N training images of "
-             "other data; 0: off")
-    add("--seed", type=int, default=0, help="seeds weights, data order, noise and sample grids")
-    add("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    add("--ddp_timeout", type=float, default=1800, help="seconds a collective may wait before the job fails")
+             "(built-in shapes of another seed, an IDX folder's test split), else the first N training images; 0: off")
     return p
 
 
@@ -196,8 +197,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.mixed_precision_auto:  # on the CPU bf16 autocast did not train faster than fp32 (docs/benchmarks.md)
         bf16 = args.device == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
         args.mixed_precision = "bf16" if bf16 else "no"
-    if args.device == "cpu" and args.mixed_precision == "fp16":
-        # measured: a forward + backward of the tutorial UNet at 32x32, batch 2, took 90 s in fp16 against 1.2 s
+    if args.device == "cpu" and args.mixed_precision == "fp16":  # measured in docs/benchmarks.md
         source = "" if given.mixed_precision == "fp16" else f" (preset {given.preset})"
         print(f"train.py: warning: --mixed_precision fp16{source} on the CPU is about 80x slower than fp32 (no fast "
               "fp16 kernels there); use --mixed_precision no, or bf16", file=sys.stderr)
