@@ -1,7 +1,8 @@
-"""Draw images from a trained DDPM with the DDPM or DDIM sampler: a grid, or many single PNGs (for FID).
+"""Draw images from a trained DDPM with the DDPM, DDIM or DPM-Solver++ sampler: a grid, or many single PNGs (for FID).
 
     python sample.py output/ --num_images 16 --seed 0 --output grid.png
     python sample.py output/ --sampler ddim --num_images 16 --output grid.png       # 50 DDIM steps
+    python sample.py output/ --sampler dpm --num_images 16 --output grid.png        # 20 DPM-Solver++ steps
     python sample.py google/ddpm-cifar10-32 --num_images 50000 --batch_size 500 --outdir samples/
     torchrun --standalone --nproc_per_node=8 sample.py output/ --num_images 50000 --batch_size 500 --outdir samples/
 
@@ -9,8 +10,10 @@ MODEL_DIR is a DDPMPipeline or DDIMPipeline folder (ours or diffusers') or a Hug
 
 Grid mode (--output, the default): with the default batch_size (= num_images) the pixels equal diffusers'
 DDPMPipeline(batch_size=num_images, generator=torch.manual_seed(seed)), or with --sampler ddim
-DDIMPipeline(..., eta=eta, num_inference_steps=n). Smaller batches are drawn one after another from that
-one generator, seeded once, so they differ from the pipeline's single batch but are still fixed by the seed.
+DDIMPipeline(..., eta=eta, num_inference_steps=n), or with --sampler dpm a DDPMPipeline whose scheduler is
+DPMSolverMultistepScheduler.from_config(pipe.scheduler.config), called with num_inference_steps=n (20 unless
+given). Smaller batches are drawn one after another from that one generator, seeded once, so they differ from
+the pipeline's single batch but are still fixed by the seed.
 --outdir then also writes each image of the grid.
 
 Many-images mode (--outdir without --output): OUTDIR/000000.png, 000001.png, ... and no grid. Image i
@@ -33,24 +36,25 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ddpm import DDIMScheduler, DDPMScheduler, PipelineLoadError, distributed, generate, load_pipeline
+from ddpm import PipelineLoadError, distributed, generate, load_pipeline
 from ddpm.fast_sampling import FastUNet
-from ddpm.sampling import sample_grid
 from ddpm.pipeline_io import pipeline_folder, write_temporary
-from ddpm.sampling import image_generators
+from ddpm.sampling import DEFAULT_STEPS, SAMPLERS, image_generators, sample_grid
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("model_dir", metavar="MODEL_DIR", help="DDPMPipeline folder or Hugging Face Hub repo id")
 parser.add_argument("--num_images", type=int, default=16, help="how many images to draw (default: %(default)s)")
 parser.add_argument("--seed", type=int, default=0,
                     help="seed of the one torch.Generator all noise comes from (default: %(default)s)")
-parser.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm",
-                    help="DDPM (Ho et al. 2020) or DDIM (Song et al. 2021) steps (default: %(default)s)")
+parser.add_argument("--sampler", choices=list(SAMPLERS), default="ddpm",
+                    help="DDPM (Ho et al. 2020), DDIM (Song et al. 2021) or DPM-Solver++ (Lu et al. 2022) steps "
+                         "(default: %(default)s)")
 parser.add_argument("--eta", type=float, default=0.0,
                     help="DDIM noise in [0, 1]: 0 deterministic, 1 DDPM's variance; --sampler ddim only "
                          "(default: %(default)s)")
 parser.add_argument("--num_inference_steps", type=int, default=None,
-                    help="denoising steps, at most the training timesteps (default: 1000 for ddpm, 50 for ddim)")
+                    help="denoising steps, at most the training timesteps (default: 1000 for ddpm, 50 for ddim, "
+                         "20 for dpm)")
 parser.add_argument("--batch_size", type=int, default=None,
                     help="images per forward pass (default: num_images; in many-images mode at most 64)")
 parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
@@ -80,7 +84,7 @@ args.output = args.output or "grid.png"
 if args.batch_size is None:
     args.batch_size = min(args.num_images, 64) if many_images else args.num_images
 if args.num_inference_steps is None:
-    args.num_inference_steps = 50 if args.sampler == "ddim" else 1000
+    args.num_inference_steps = DEFAULT_STEPS[args.sampler]
 args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 if args.num_images < 1:
     parser.error(f"--num_images must be at least 1, got {args.num_images}")
@@ -107,7 +111,7 @@ if "WORLD_SIZE" in os.environ and not many_images:
 
 try:
     unet, scheduler = load_pipeline(pipeline_folder(args.model_dir), dtype=torch.float32,
-                                    scheduler_class=DDIMScheduler if args.sampler == "ddim" else DDPMScheduler)
+                                    scheduler_class=SAMPLERS[args.sampler])
 except PipelineLoadError as exc:
     error(str(exc))
 num_train_timesteps = scheduler.config["num_train_timesteps"]
