@@ -3,6 +3,12 @@
 The same noise schedule and the same trained eps_theta as DDPM; only the reverse step differs.
 The DDIM paper writes alpha_t for what DDPM (and this code) calls abar_t = prod_{s<=t} (1 - beta_s).
 Matches diffusers' DDIMScheduler in config keys, defaults, numbers and the order of random draws.
+
+That includes diffusers' choice of the previous timestep (diffusers#12633, open): t - T // n whatever the
+timestep_spacing, the next visited timestep only for "leading" (the default). With "linspace" it is off the grid
+(T = 1000, n = 10: 999 steps to 899, but the model next runs at 888, ..., 111 steps to 11, and the last step
+takes that x_11 for x_0's neighbour, so x_11's noise stays in the image); "trailing" is off by one where n does
+not divide T, and its last step stops at abar_0 instead of 1. See docs/sampling.md.
 """
 
 from collections.abc import Mapping
