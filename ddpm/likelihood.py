@@ -155,7 +155,8 @@ class VariationalBound:
         # Eq. 4: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps
         x_t = at(self.sqrt_abar, t) * x0 + at(self.sqrt_one_minus_abar, t) * noise
         _, model_mean, model_log_variance = self.p_mean_variance(model(x_t.float(), t).double(), x_t, t)
-        # L_{t-1}: the KL between the posterior q(x_{t-1} | x_t, x_0) and the model
+        # L_{t-1} of Eq. 5: the KL between the posterior q(x_{t-1} | x_t, x_0) and the model (Eq. 8; with fixed
+        # variances and eps from the model, Eq. 12's weighted || eps - eps_theta ||^2 plus a constant)
         true_mean = at(self.posterior_mean_coef1, t) * x0 + at(self.posterior_mean_coef2, t) * x_t
         kl = normal_kl(true_mean, at(self.posterior_log_variance, t), model_mean, model_log_variance)
         # L_0: -log p_theta(x_0 | x_1), the discretised Gaussian of Eq. 13

@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--prediction_type", default="epsilon", choices=["epsilon", "sample", "v_prediction"],
         help="what the UNet predicts: eps (the paper's), x_0, or v")
     add("--snr_gamma", type=float, default=None,
-        help="min-SNR-gamma loss weighting (Hang et al. 2023); off when not given (the paper's L_simple)")
+        help="min-SNR-gamma loss weighting (Hang et al. 2023); 0 or not given: off, the paper's L_simple")
     add("--ddpm_num_steps", type=int, default=1000, help="T, the number of diffusion steps")
     add("--ddpm_beta_schedule", default="linear", choices=["linear", "scaled_linear", "squaredcos_cap_v2"],
         help="the betas: linear is the paper's, squaredcos_cap_v2 the cosine schedule of Nichol & Dhariwal")
@@ -171,6 +171,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "save_images_epochs", "save_model_epochs", "gradient_accumulation_steps", "logging_steps",
                  "ddpm_num_steps", "ddpm_num_inference_steps", "checkpointing_steps", "checkpoints_total_limit"):
         positive(name)
+    if args.snr_gamma == 0:
+        args.snr_gamma = None  # off, also where the preset sets it
     for name in ("learning_rate", "adam_epsilon", "ema_inv_gamma", "ddp_timeout", "max_grad_norm", "snr_gamma",
                  "max_train_minutes"):
         if getattr(args, name) is not None and not getattr(args, name) > 0:

@@ -59,8 +59,8 @@ class EagerStep:
             self.nonfinite |= ~torch.isfinite(loss.detach())
 
     def update(self, step: int) -> bool:
-        """Clip the gradient, take the AdamW step and move the EMA; False when GradScaler skipped it (fp16
-        overflow). `step` is the optimizer step being taken (1-based), for the error message."""
+        """Algorithm 1, line 5's gradient descent step: clip the gradient, take the AdamW step, move the EMA;
+        False when GradScaler skipped it (fp16 overflow). `step`: the step being taken (1-based), for messages."""
         self.micro_steps = 0
         self.scaler.unscale_(self.optimizer)
         self.grad_norm = torch.nn.utils.clip_grad_norm_(self.unet.parameters(), self.max_grad_norm)

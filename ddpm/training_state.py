@@ -62,6 +62,7 @@ class EpochBatches:
         self.completed = self.epochs_completed()
 
     def next(self) -> torch.Tensor:
+        """The next micro-batch: Algorithm 1, line 2, x_0 ~ q(x_0)."""
         run = self.run
         if run.epoch_batches >= self.per_epoch:
             run.epoch, run.epoch_batches = run.epoch + 1, 0

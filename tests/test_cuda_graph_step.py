@@ -15,8 +15,8 @@ import ddpm.cuda_graph_step
 from ddpm import DDPMScheduler, UNet2DModel
 from ddpm.cuda_graph_step import DDP_WARMUP_STEPS, WARMUP_STEPS, CudaGraphStep
 from ddpm.ema import EMA
-from ddpm.loss import diffusion_loss
-from ddpm.lr_schedule import make_lr_scheduler
+from ddpm.lr_schedule import learning_rate, set_learning_rate
+from ddpm.train_step import EagerStep
 from oracle import TINY, perturb_, single_thread  # noqa: F401  (autouse fixture)
 from test_distributed import TRAIN_PY, worker_env
 from test_train import TINY_UNET, assert_same_tensors, checkpoint_at, image_folder, run, tiny_args
@@ -29,56 +29,56 @@ def training_state(snr_gamma: float | None):
     unet = perturb_(UNet2DModel(**TINY)).train()
     # 2^-8 times warmup factors 1/4, 1/2, 3/4, 1: learning rates a float32 tensor holds exactly, as the float does
     optimizer = torch.optim.AdamW(unet.parameters(), lr=2**-8, fused=True, capturable=True)
-    return unet, optimizer, make_lr_scheduler(optimizer, "constant_with_warmup", 4, 7), EMA(unet, max_decay=0.999)
+    return unet, optimizer, EMA(unet, max_decay=0.999)
+
+
+def take_steps(step, optimizer, batches) -> list[torch.Tensor]:
+    """train.py's loop around a step: the LR set before each update, one micro-batch each; the gradient norms."""
+    norms = []
+    for number, (x0, noise, timesteps) in enumerate(batches):
+        set_learning_rate(optimizer, learning_rate("constant_with_warmup", 2**-8, number, 4, 7))
+        step.accumulate(x0, noise, timesteps)
+        assert step.update(number + 1)
+        norms.append(step.grad_norm.clone())
+    return norms
 
 
 @pytest.mark.parametrize("snr_gamma", [None, 5.0])
-def test_the_uncaptured_step_equals_train_pys_eager_step_bit_for_bit(snr_gamma):
+def test_the_uncaptured_step_equals_the_eager_step_bit_for_bit(snr_gamma):
     scheduler = DDPMScheduler(prediction_type="sample" if snr_gamma else "epsilon")
     generator = torch.Generator().manual_seed(1)
     batches = [(torch.rand(2, 3, 8, 8, generator=generator) * 2 - 1, torch.randn(2, 3, 8, 8, generator=generator),
                 torch.randint(0, 1000, (2,), generator=generator)) for _ in range(7)]
 
-    # train.py's loop without --cuda_graph
-    unet, optimizer, lr_scheduler, ema = training_state(snr_gamma)
-    loss_sum, norms = torch.zeros(()), []
-    for x0, noise, timesteps in batches:
-        loss = diffusion_loss(unet, scheduler, x0, noise, timesteps, snr_gamma)
-        loss.backward()
-        loss_sum += loss.detach()
-        norms.append(torch.nn.utils.clip_grad_norm_(unet.parameters(), 0.5))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        lr_scheduler.step()
-        ema.update(unet)
+    unet, optimizer, ema = training_state(snr_gamma)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    eager = EagerStep(unet, unet, scheduler, optimizer, scaler, ema, None, snr_gamma, 0.5, 1, torch.device("cpu"))
+    norms = take_steps(eager, optimizer, batches)
 
-    graphed_unet, optimizer, lr_scheduler, graphed_ema = training_state(snr_gamma)
-    graphed_loss_sum, nonfinite, graphed_norms = torch.zeros(()), torch.zeros((), dtype=torch.bool), []
-    step = CudaGraphStep(graphed_unet, graphed_unet, scheduler, optimizer, graphed_ema, None, snr_gamma, 0.5,
-                         graphed_loss_sum, nonfinite)
-    for x0, noise, timesteps in batches:
-        step(x0, noise, timesteps)
-        graphed_norms.append(step.grad_norm.clone())
-        lr_scheduler.step()
+    graphed_unet, optimizer, graphed_ema = training_state(snr_gamma)
+    graphed = CudaGraphStep(graphed_unet, graphed_unet, scheduler, optimizer, graphed_ema, None, snr_gamma, 0.5,
+                            torch.device("cpu"))
+    graphed_norms = take_steps(graphed, optimizer, batches)
 
     assert optimizer.param_groups[0]["lr"] == 2**-8 and isinstance(optimizer.param_groups[0]["lr"], float)
     assert_same_tensors(unet.state_dict(), graphed_unet.state_dict())
     assert_same_tensors(ema.shadow, graphed_ema.shadow)
     assert (ema.optimization_step, ema.decay) == (graphed_ema.optimization_step, graphed_ema.decay)
     assert torch.equal(torch.stack(norms), torch.stack(graphed_norms))
-    assert torch.equal(loss_sum, graphed_loss_sum) and not nonfinite
+    assert torch.equal(eager.loss_sum, graphed.loss_sum) and not graphed.nonfinite
 
 
 def test_a_nonfinite_loss_sets_the_nonfinite_flag_tensor():
     scheduler = DDPMScheduler()
-    unet, optimizer, _, ema = training_state(None)
-    loss_sum, nonfinite = torch.zeros(()), torch.zeros((), dtype=torch.bool)
-    step = CudaGraphStep(unet, unet, scheduler, optimizer, None, None, None, 1.0, loss_sum, nonfinite)
+    unet, optimizer, _ = training_state(None)
+    step = CudaGraphStep(unet, unet, scheduler, optimizer, None, None, None, 1.0, torch.device("cpu"))
     x0 = torch.zeros(2, 3, 8, 8)
-    step(x0, torch.randn(2, 3, 8, 8), torch.tensor([0, 999]))
-    assert not nonfinite
-    step(x0.fill_(float("inf")), torch.randn(2, 3, 8, 8), torch.tensor([0, 999]))
-    assert nonfinite
+    step.accumulate(x0, torch.randn(2, 3, 8, 8), torch.tensor([0, 999]))
+    step.update(1)
+    assert not step.nonfinite
+    step.accumulate(x0.fill_(float("inf")), torch.randn(2, 3, 8, 8), torch.tensor([0, 999]))
+    step.update(2)
+    assert step.nonfinite
 
 
 # -----------------------------------------------------------------------------
@@ -110,7 +110,7 @@ def test_train_py_with_a_cuda_graph_trains_as_without(tmp_path):
     graphed = run(tmp_path, output_dir=tmp_path / "graphed", train_data_dir=images, cuda_graph=True, **GPU_RUN)
     a, b = checkpoint_at(eager, 8), checkpoint_at(graphed, 8)
     assert_trained_alike(a, b, start=checkpoint_at(eager, 4))  # steps 5-8: replays of the graph recorded at 4
-    assert a["state"]["lr_scheduler"] == b["state"]["lr_scheduler"]
+    assert a["state"]["lr_step"] == b["state"]["lr_step"]
 
 
 @needs_cuda

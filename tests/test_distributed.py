@@ -30,6 +30,7 @@ from ddpm import DDPMScheduler, UNet2DModel, distributed
 from ddpm.checkpoint import list_checkpoints, load_checkpoint
 from ddpm.cuda_graph_step import CudaGraphStep
 from ddpm.ema import EMA
+from ddpm.train_step import EagerStep
 from ddpm.loss import diffusion_loss
 from oracle import diffusers
 
@@ -90,9 +91,10 @@ finally:
 FAIL_ON_RANK_1 = """
 import os, sys, time
 from pathlib import Path
+import ddpm.train_step
 import train
 
-diffusion_loss, calls = train.diffusion_loss, 0
+diffusion_loss, calls = ddpm.train_step.diffusion_loss, 0
 
 def failing_loss(*args, **kwargs):
     global calls
@@ -102,7 +104,7 @@ def failing_loss(*args, **kwargs):
         raise RuntimeError("injected failure on rank 1")
     return diffusion_loss(*args, **kwargs)
 
-train.diffusion_loss = failing_loss
+ddpm.train_step.diffusion_loss = failing_loss
 train.main(sys.argv[1:])
 """
 
@@ -337,7 +339,7 @@ def record_same_on_every_rank(rank: int, result_dir: Path) -> None:
 
 def record_graph_steps_under_ddp(rank: int, result_dir: Path) -> None:
     """4 steps of train.py --cuda_graph's step (ddpm/cuda_graph_step.py, uncaptured on the CPU) around a DDP model,
-    and 4 of train.py's eager DDP step, on this rank's own batches. Saves graph_steps-rank{rank}.pt: both copies'
+    and 4 of the eager DDP step (ddpm/train_step.py), on this rank's own batches. Saves graph_steps-rank{rank}.pt: both copies'
     weights, EMA weights and loss sums."""
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     g = torch.Generator().manual_seed(10 + rank)  # each rank its own batches and noise, as in train.py
@@ -351,20 +353,15 @@ def record_graph_steps_under_ddp(rank: int, result_dir: Path) -> None:
         # 2^-8: a learning rate the graph's float32 tensor holds exactly, as the float does
         optimizer = torch.optim.AdamW(unet.parameters(), lr=2**-8, fused=True, capturable=kind == "graph_step")
         ema = EMA(unet, max_decay=0.999)
-        loss_sum, nonfinite = torch.zeros(()), torch.zeros((), dtype=torch.bool)
-        step = (CudaGraphStep(model, unet, scheduler, optimizer, ema, None, None, 0.5, loss_sum, nonfinite)
-                if kind == "graph_step" else None)
-        for x0, noise, timesteps in batches:
-            if step is not None:
-                step(x0, noise, timesteps)
-                continue
-            loss = diffusion_loss(model, scheduler, x0, noise, timesteps)
-            loss.backward()
-            loss_sum += loss.detach()
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), 0.5)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            ema.update(unet)
+        if kind == "graph_step":
+            step = CudaGraphStep(model, unet, scheduler, optimizer, ema, None, None, 0.5, torch.device("cpu"))
+        else:
+            scaler = torch.amp.GradScaler("cpu", enabled=False)
+            step = EagerStep(model, unet, scheduler, optimizer, scaler, ema, None, None, 0.5, 1, torch.device("cpu"))
+        for number, (x0, noise, timesteps) in enumerate(batches):
+            step.accumulate(x0, noise, timesteps)
+            step.update(number + 1)
+        loss_sum = step.loss_sum
         results[kind] = {"weights": {name: t.clone() for name, t in unet.state_dict().items()},
                          "ema": {name: t.clone() for name, t in ema.shadow.items()}, "loss_sum": loss_sum}
     torch.save(results, result_dir / f"graph_steps-rank{rank}.pt")

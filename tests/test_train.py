@@ -27,6 +27,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import ddpm.checkpoint
 import ddpm.time_budget
+import ddpm.train_step as eager_step  # the module whose diffusion_loss the tests replace
 from ddpm import DDPMScheduler, UNet2DModel, generate, load_pipeline
 from ddpm.checkpoint import list_checkpoints, load_checkpoint
 from ddpm.loss import diffusion_loss, training_target
@@ -188,14 +189,15 @@ def test_train_py_weights_the_loss_by_min_snr_only_with_snr_gamma(tmp_path, monk
         gammas.append(snr_gamma)
         return diffusion_loss(unet, scheduler, x0, noise, timesteps, snr_gamma)
 
-    monkeypatch.setattr(train, "diffusion_loss", recording_loss)
+    monkeypatch.setattr(eager_step, "diffusion_loss", recording_loss)
     # butterflies-128 sets no snr_gamma; quickstart, the default preset, sets 10
     run(tmp_path, output_dir=tmp_path / "plain", max_train_steps=1, preset="butterflies-128", builtin_data=True,
         mixed_precision="no")
     run(tmp_path, output_dir=tmp_path / "weighted", max_train_steps=1, preset="butterflies-128", builtin_data=True,
         mixed_precision="no", snr_gamma=3)
     run(tmp_path, output_dir=tmp_path / "quickstart", max_train_steps=1)
-    assert gammas == [None, 3.0, 10.0]
+    run(tmp_path, output_dir=tmp_path / "quickstart_unweighted", max_train_steps=1, snr_gamma=0)  # 0: off
+    assert gammas == [None, 3.0, 10.0, None]
 
 
 def test_train_py_accumulating_two_batches_of_4_takes_the_gradient_of_one_batch_of_8(tmp_path, monkeypatch):
@@ -206,7 +208,7 @@ def test_train_py_accumulating_two_batches_of_4_takes_the_gradient_of_one_batch_
         timesteps = ((x0[:, 0, 0, 0] + 1) * 499).long()
         return diffusion_loss(unet, scheduler, x0, noise, timesteps, snr_gamma)
 
-    monkeypatch.setattr(train, "diffusion_loss", noise_from_pixels)
+    monkeypatch.setattr(eager_step, "diffusion_loss", noise_from_pixels)
     # no clipping: Adam's first step hardly depends on the gradient's scale, its moments do
     common = dict(max_train_steps=1, max_grad_norm=1e9, random_flip=True)
     accumulated = run(tmp_path, output_dir=tmp_path / "accumulated", train_batch_size=4,
@@ -224,7 +226,7 @@ def test_lr_schedule_advances_once_per_optimizer_step_not_per_micro_batch(tmp_pa
     out = run(tmp_path, max_train_steps=3, gradient_accumulation_steps=2, lr_scheduler="linear")
     state = checkpoint_at(out, 3)["state"]
     assert (state["epoch"], state["epoch_batches"]) == (0, 6)  # micro-batches drawn
-    assert state["lr_scheduler"]["last_epoch"] == 3
+    assert state["lr_step"] == 3
 
 
 # -----------------------------------------------------------------------------
@@ -342,7 +344,7 @@ def test_a_stop_signal_during_the_last_step_still_writes_the_pipeline(tmp_path, 
         signal.raise_signal(signal.SIGTERM)
         return loss
 
-    monkeypatch.setattr(train, "diffusion_loss", loss_on_call(2, sigterm))
+    monkeypatch.setattr(eager_step, "diffusion_loss", loss_on_call(2, sigterm))
     out = run(tmp_path, max_train_steps=2)
     assert list_checkpoints(out) == [out / "checkpoint-2"]
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
@@ -396,21 +398,21 @@ class OverflowingGradient(torch.autograd.Function):
 
 
 def test_an_fp16_overflow_step_is_skipped_and_counted(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "diffusion_loss", loss_on_call(2, OverflowingGradient.apply))
+    monkeypatch.setattr(eager_step, "diffusion_loss", loss_on_call(2, OverflowingGradient.apply))
     out = run(tmp_path, mixed_precision="fp16", use_ema=True, max_train_steps=3, checkpointing_steps=1)
     before, overflowed, after = (checkpoint_at(out, step) for step in (1, 2, 3))
 
     assert [c["state"]["skipped_steps"] for c in (before, overflowed, after)] == [0, 1, 1]
     assert_same_tensors(before["model"], overflowed["model"])
     assert_same_tensors(before["ema"], overflowed["ema"])
-    assert [c["state"]["lr_scheduler"]["last_epoch"] for c in (before, overflowed, after)] == [1, 1, 2]
+    assert [c["state"]["lr_step"] for c in (before, overflowed, after)] == [1, 1, 2]
     assert [c["state"]["ema_step"] for c in (before, overflowed, after)] == [1, 1, 2]
     assert overflowed["state"]["grad_scaler"]["scale"] == before["state"]["grad_scaler"]["scale"] / 2
     assert not all(torch.equal(overflowed["model"][name], after["model"][name]) for name in after["model"])
 
 
 def test_a_nan_loss_in_fp32_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "diffusion_loss", loss_on_call(4, lambda loss: loss * float("nan")))
+    monkeypatch.setattr(eager_step, "diffusion_loss", loss_on_call(4, lambda loss: loss * float("nan")))
     with pytest.raises(SystemExit) as stopped:
         run(tmp_path, max_train_steps=6, checkpointing_steps=3, logging_steps=1)
     message = stopped.value.code
@@ -423,7 +425,7 @@ def test_a_nan_loss_in_fp32_stops_the_run_naming_the_step_and_keeps_the_last_che
 
 def test_a_nan_loss_is_caught_before_an_epoch_end_saves_the_pipeline(tmp_path, monkeypatch):
     # 8 images in batches of 4: epochs end at steps 2 and 4; the loss turns NaN at step 3
-    monkeypatch.setattr(train, "diffusion_loss", loss_on_call(3, lambda loss: loss * float("nan")))
+    monkeypatch.setattr(eager_step, "diffusion_loss", loss_on_call(3, lambda loss: loss * float("nan")))
     with pytest.raises(SystemExit, match="by step 4"):
         run(tmp_path, train_data_dir=image_folder(tmp_path / "images", 8), max_train_steps=6,
             save_model_epochs=1, logging_steps=100, checkpointing_steps=100)
@@ -498,7 +500,7 @@ BAD_INPUTS = {
     "zero_batch_size": lambda tmp: (dict(train_batch_size=0), "--train_batch_size must be >= 1, got 0"),
     "negative_batch_size": lambda tmp: (dict(train_batch_size=-2), "--train_batch_size must be >= 1, got -2"),
     "zero_learning_rate": lambda tmp: (dict(learning_rate=0), "--learning_rate must be > 0, got 0.0"),
-    "zero_snr_gamma": lambda tmp: (dict(snr_gamma=0), "--snr_gamma must be > 0, got 0.0"),
+    "negative_snr_gamma": lambda tmp: (dict(snr_gamma=-1), "--snr_gamma must be > 0, got -1.0"),
     "negative_warmup": lambda tmp: (dict(lr_warmup_steps=-1), "--lr_warmup_steps must be >= 0, got -1"),
     "negative_seed": lambda tmp: (dict(seed=-1), "--seed must be >= 0, got -1"),
     "eval_bpd_images_with_one_timestep": lambda tmp: (
@@ -891,7 +893,7 @@ def test_train_py_steps_between_logging_and_checkpoint_steps_never_wait_for_the_
         torch.cuda.set_sync_debug_mode("error" if 3 <= len(calls) < 7 else "default")
         return diffusion_loss(*args)
 
-    monkeypatch.setattr(train, "diffusion_loss", loss_checking_syncs)
+    monkeypatch.setattr(eager_step, "diffusion_loss", loss_checking_syncs)
     try:
         run(tmp_path, device="cuda", train_data_dir=image_folder(tmp_path / "images", 40, (8, 8)), max_train_steps=8,
             logging_steps=100, checkpointing_steps=100, use_ema=True, mixed_precision="bf16", random_flip=True)
