@@ -204,7 +204,8 @@ class DPMSolverMultistepScheduler:
 
     def convert_model_output(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         """The network's output as the prediction the algorithm integrates: x_theta for DPM-Solver++
-        (DPM-Solver++ Sec. 3: x_theta = (x_t - sigma_t eps_theta) / alpha_t), eps_theta for DPM-Solver."""
+        (DPM-Solver++ Sec. 2.1, the data prediction model x_theta = (x_t - sigma_t eps_theta) / alpha_t), eps_theta
+        for DPM-Solver."""
         alpha_t, sigma_t = alpha_sigma(self.sigmas[self.step_index])
         prediction_type = self.config["prediction_type"]
         if self.config["algorithm_type"] in ("dpmsolver++", "sde-dpmsolver++"):
@@ -214,7 +215,7 @@ class DPMSolverMultistepScheduler:
                 x0 = model_output
             else:  # v_prediction: x_0 = alpha_t x_t - sigma_t v
                 x0 = alpha_t * sample - sigma_t * model_output
-            # DPM-Solver++ Sec. 3.3: thresholding keeps x_theta in the data's range
+            # DPM-Solver++ Sec. 4.3: (Imagen's dynamic) thresholding keeps x_theta in the data's range
             return dynamic_threshold(x0, self.config["dynamic_thresholding_ratio"], self.config["sample_max_value"]) \
                 if self.config["thresholding"] else x0
         if prediction_type == "epsilon":
@@ -243,13 +244,15 @@ class DPMSolverMultistepScheduler:
         h = lambda_t - lambda_s
         algorithm = self.config["algorithm_type"]
         if algorithm == "dpmsolver++":
-            # DPM-Solver++ Eq. (8) with x_theta constant over the step:
+            # DPM-Solver++ Eq. (8), the exact solution x_t = (sigma_t / sigma_s) x_s + sigma_t int e^lambda x_theta
+            # dlambda, with x_theta constant over the step (DPM-Solver++1, Sec. 4.1):
             # x_t = (sigma_t / sigma_s) x_s - alpha_t (e^-h - 1) x_theta(x_s, s)
             return (sigma_t / sigma_s) * sample - (alpha_t * (torch.exp(-h) - 1.0)) * m0
         if algorithm == "dpmsolver":
             # DPM-Solver Eq. (3.7): x_t = (alpha_t / alpha_s) x_s - sigma_t (e^h - 1) eps_theta(x_s, s)
             return (alpha_t / alpha_s) * sample - (sigma_t * (torch.exp(h) - 1.0)) * m0
-        # SDE-DPM-Solver++1: the same with the reverse SDE's noise, sigma_t sqrt(1 - e^-2h) z
+        # SDE-DPM-Solver++1 (the variant of diffusers and the authors' code): the data-prediction update of the
+        # diffusion SDE, x_t = (sigma_t / sigma_s) e^-h x_s + alpha_t (1 - e^-2h) x_theta + sigma_t sqrt(1 - e^-2h) z
         return ((sigma_t / sigma_s * torch.exp(-h)) * sample + (alpha_t * (1 - torch.exp(-2.0 * h))) * m0
                 + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise)
 
@@ -323,7 +326,7 @@ class DPMSolverMultistepScheduler:
     def order_of_this_step(self) -> int:
         """The solver order of this step: the first steps lack earlier outputs (order 1, then 2); the last step is
         first order when it steps to sigma = 0 or euler_at_final, and with lower_order_final under 15 steps the
-        last two are at most first and second order, which steadies few-step sampling (DPM-Solver++ Sec. 4.2)."""
+        last two are at most first and second order, which steadies few-step sampling (as the authors' code)."""
         cfg, n, i = self.config, len(self.timesteps), self.step_index
         few_steps = cfg["lower_order_final"] and n < 15
         if i == n - 1 and (cfg["euler_at_final"] or few_steps or cfg["final_sigmas_type"] == "zero"):
