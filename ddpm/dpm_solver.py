@@ -154,6 +154,8 @@ class DPMSolverMultistepScheduler:
         self.lambda_t = half_log_snr(torch.sqrt(self.alphas_cumprod), torch.sqrt(1 - self.alphas_cumprod))
         self.num_inference_steps: int | None = None
         self.timesteps = torch.arange(self.config["num_train_timesteps"] - 1, -1, -1, dtype=torch.int64)
+        # the noise-to-signal ratio s = sigma_t / alpha_t = sqrt((1 - abar_t) / abar_t) of each timestep (diffusers'
+        # "sigmas", EDM's sigma); set_timesteps keeps those of the visited timesteps, alpha_sigma gives (alpha, sigma)
         self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
         self.model_outputs: list[torch.Tensor] = []
         self.step_index: int | None = None
@@ -215,9 +217,10 @@ class DPMSolverMultistepScheduler:
                 x0 = model_output
             else:  # v_prediction: x_0 = alpha_t x_t - sigma_t v
                 x0 = alpha_t * sample - sigma_t * model_output
-            # DPM-Solver++ Sec. 4.3: (Imagen's dynamic) thresholding keeps x_theta in the data's range
-            return dynamic_threshold(x0, self.config["dynamic_thresholding_ratio"], self.config["sample_max_value"]) \
-                if self.config["thresholding"] else x0
+            if self.config["thresholding"]:
+                # DPM-Solver++ Sec. 4.3: (Imagen's dynamic) thresholding keeps x_theta in the data's range
+                x0 = dynamic_threshold(x0, self.config["dynamic_thresholding_ratio"], self.config["sample_max_value"])
+            return x0
         if prediction_type == "epsilon":
             eps = model_output
         elif prediction_type == "sample":
