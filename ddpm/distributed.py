@@ -42,7 +42,13 @@ def setup(device_name: str, timeout_s: float) -> Context:
     else:
         device = torch.device("cpu")
         backend = "gloo"
-    # a rank that stops answering makes every collective fail after timeout_s instead of hanging forever
+    # a rank that stops answering makes every collective fail after timeout_s instead of hanging forever.
+    # PyTorch's CUDA-graph notes still ask for TORCH_NCCL_ASYNC_ERROR_HANDLING=0 before DDP's all-reduce is captured
+    # (train.py --cuda_graph): NCCL's watchdog thread used to query the events of collectives issued during a capture,
+    # which breaks it. Since torch 2.1 those collectives are not handed to the watchdog (pytorch#103503) and a capture
+    # first waits for the watchdog's queue to empty (#110665); CudaGraphStep also captures in thread_local mode, where
+    # another thread's queries cannot break it. So error handling stays on here. A replayed all-reduce is not timed by
+    # the watchdog; a rank stuck in one stops answering every step's gloo collective (any_rank), which times out.
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
                             device_id=device if backend == "nccl" else None)
     cpu_group = dist.new_group(backend="gloo") if backend == "nccl" else None
