@@ -6,11 +6,11 @@ so a noisy machine slows both alike; each row quotes the medians and the median 
 ratios. Options (--compile, --channels_last, --gradient_checkpointing, --dtype and the speed options
 below them) apply to both, except --fast_norm: diffusers has no such path.
 
-$ python benchmarks/benchmark.py --config small --device cpu --batch_size 8          # ~2 min on 2 free cores
-$ python benchmarks/benchmark.py --config small --device cpu --batch_size 8 --threads 1 --clock cpu  # shared CPU
-$ python benchmarks/benchmark.py --config cifar10 --device cuda --dtype bf16 --batch_size 128 --compile
-$ python benchmarks/benchmark.py --config tutorial128 --device cuda --dtype bf16 --batch_size 16 \\
-      --markdown docs/tutorial128-h100.md
+$ PYTHONPATH=. python benchmarks/benchmark.py --config small --device cpu --batch_size 8     # ~2 min, 2 free cores
+$ PYTHONPATH=. python benchmarks/benchmark.py --config small --device cpu --batch_size 8 --threads 1 --clock cpu
+$ PYTHONPATH=. python benchmarks/benchmark.py --config cifar10 --device cuda --dtype bf16 --batch_size 128 --compile
+$ PYTHONPATH=. python benchmarks/benchmark.py --config tutorial128 --device cuda --dtype bf16 --batch_size 16 \\
+      --markdown tutorial128.md
 """
 
 import argparse
@@ -22,13 +22,17 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
-import diffusers
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from ddpm import DDPMScheduler, UNet2DModel, generate
 from ddpm.presets import CIFAR10_UNET, TUTORIAL_UNET
+
+try:
+    import diffusers
+except ImportError:
+    raise SystemExit("benchmark.py: it times ddpm against diffusers, which is not installed: pip install diffusers")
 
 SMALL_UNET = {
     "block_out_channels": [64, 128, 128],

@@ -7,8 +7,8 @@ at --time_limit seconds after a batch ends and extrapolates the time for --num_i
 Where one batch alone takes too long (a CPU), --timesteps K times K of the T steps of one batch, spread over
 [0, T), and extrapolates from them.
 
-$ python benchmarks/evaluate_speed.py                           # GPU: 10,000 images, batch 500, stops after 600 s
-$ python benchmarks/evaluate_speed.py --device cpu --num_images 1000 --batch_size 16 --timesteps 10
+$ PYTHONPATH=. python benchmarks/evaluate_speed.py             # GPU: 10,000 images, batch 500, stops after 600 s
+$ PYTHONPATH=. python benchmarks/evaluate_speed.py --device cpu --num_images 1000 --batch_size 16 --timesteps 10
 """
 
 import argparse

@@ -1,206 +1,233 @@
 #!/usr/bin/env bash
-# Every GPU check of the speed work in one run, sized for a short lease on one H100/H200, within $BUDGET seconds:
-#   1. benchmark.py, tutorial UNet at 128, bf16 autocast, eager: ddpm against diffusers
-#   2. train.py, 200 steps at 128 on the built-in data, bf16, EMA: the whole loop against the model-only number
-#   3. torchrun (NCCL), the same run: SIGTERM -> checkpoint and exit 0, then resume, SIGTERM again
-#   4. benchmark.py as 1 with --compile (training only: each measurement compiles anew); 5. train.py as 2 with --compile; 6. benchmark.py as 1 with --channels_last
-# The CIFAR-10 UNet (issue 9), batch 128, bf16 (the cifar10-32 preset's default on a GPU), built-in data at 32 px:
-#   7. train_step_gpu.py: the model step eager, compiled, reduce-overhead, and as one CUDA graph (eager, compiled)
-#   8. the CUDA tests: device batches equal the CPU DataLoader's, no host synchronisation between logging steps,
-#      --cuda_graph trains as without, resumes exactly, and under torchrun records DDP's all-reduce
-#   9. train.py --preset cifar10-32, $CIFAR_STEPS steps, each of $CIFAR_RUNS: the whole loop, images on the GPU
-#      (--device_data); a run named ddp_X is X under torchrun --nproc_per_node=1, right after X: DDP's overhead on
-#      the same card. Each run ends with a grid of the preset's 64 images (100 steps): its sampling rate gives the
-#      cost of the preset's grids (1,000 steps every 10 epochs) against the training between them.
-#   10. benchmarks/speed2_gpu.sh (issue 10: the tutorial UNet's fast paths) with what is left of $BUDGET: after the
-#       default runs, little or nothing in one call; PARTS=speed2 gives it a call of its own
-# Measured on an H100 on 2026-11-28 (docs/benchmarks.md): 7 (but reduce-overhead), 8 without the --cuda_graph
-# tests, 9 eager, compiled and ddp_eager. The next lease runs the default PARTS ("cifar_tests cifar_loop speed2":
-# the tests of --cuda_graph, whose results say whether the numbers after them mean anything, then the 5,400
-# images/s goal's runs, then issue 10) within BUDGET seconds (default 540, for a call of the device tool, which
-# allows 600; lower it to what the lease has left). Everything written comes back as $OUT/results.tar.gz:
-#   OUT=results-dir BUDGET=540 bash benchmarks/gpu_check.sh   (diffusers must be importable: the lease's wheels)
-# The device machine has no diffusers: fetch its wheels here (`pip download --no-deps diffusers==0.42.1
-# importlib_metadata -d .whl`, .whl in .git/info/exclude), carry .whl, and begin the device command with
-#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
-# PARTS picks groups, run in this order: tutorial (1-6, ~9 min), cifar_step (7, at most 9.5 min), cifar_tests (8,
-# ~2 min), cifar_loop (9, ~6 min at 300 steps and the default runs), speed2 (10, up to 8 min); PARTS=all runs all
-# but speed2.
-# Each command has its own time limit, cut to what is left of $BUDGET (one that would get under 30 s is skipped
-# and says so), but part 3's two 25-s runs; logs go to $OUT.
+# The GPU check (issue 36): one command for a short GPU lease, at most $BUDGET seconds of wall time (default 480),
+# its parts in order of value, each under its own time limit cut to what is left of the budget, so that one part
+# that hangs costs its own limit and no more. Everything written goes into $OUT/results.tar.gz at the exit, however
+# it comes. How to run it, and what to carry to a machine without network: benchmarks/README.md.
+#   tests     the GPU tests (python -m pytest): device batches, --cuda_graph training and resume, FastUNet, the
+#             sampling noise's copy, the fast norm
+#   cifar     train.py --preset cifar10-32 --builtin_data --cuda_graph, $CIFAR_STEPS steps each: eager (graph), then
+#             the same under python -m torch.distributed.run --nproc_per_node=1 (DDP over NCCL inside the graph: its
+#             overhead on one card), then compiled (compiled_graph); images/s from TensorBoard, the final grid's rate
+#   tutorial  benchmark.py: the diffusers tutorial UNet at 128, batch 64, bf16, both compiled, ddpm against diffusers
+#             (skipped where diffusers is not installed)
+#   sampling  sampling_gpu.py: ddpm's generate() eager against FastUNet (CUDA graph, bf16), and DDPMPipeline
+#   fast_norm the compiled CIFAR graph run again with --fast_norm (decides whether it becomes a GPU default)
+# Not in the default PARTS, for a later lease: step (train_step_gpu.py, the model step's variants, ~9 min),
+# speed2 (benchmark.py's fast paths of the tutorial UNet, ~10 min), fashion (the fashion-mnist preset for
+# $FASHION_MINUTES minutes and the bits/dim of $FASHION_IMAGES test images; needs .data/fashion-mnist carried).
+# DRY=1 runs every part on this CPU, small, to check the command itself: what has no CPU form (--cuda_graph,
+# compiling, which takes minutes on 2 cores) is left out and the part says so.
 set -u
 OUT=${OUT:-gpu-results}
+BUDGET=${BUDGET:-480}
+DRY=${DRY:-0}
+PY=${PY:-python3}
+PARTS=${PARTS:-"tests cifar tutorial sampling fast_norm"}
+CIFAR_STEPS=${CIFAR_STEPS:-200}
+FASHION_MINUTES=${FASHION_MINUTES:-5}
+GRACE=40  # seconds from SIGTERM to SIGKILL: torch.distributed.run gives its workers 30 to stop
+WORK=$(mktemp -d)  # run folders; what is worth keeping is copied into $OUT
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # benchmarks/benchmark.py imports ddpm from the checkout
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-BATCH=${BATCH:-64}
-BUDGET=${BUDGET:-540}  # within the device tool's 600 s per call
-CIFAR_STEPS=${CIFAR_STEPS:-300}  # train.py steps of each CIFAR loop run (9)
-# each one of eager, compiled, graph, compiled_graph; ddp_ before it: under torchrun; +flag after it: --flag too
-CIFAR_RUNS=${CIFAR_RUNS:-"compiled_graph ddp_compiled_graph compiled_graph+channels_last compiled_graph+fast_norm"}
-VARIANTS=${VARIANTS:-eager,compile,compile_reduce_overhead,cuda_graph,compile_cuda_graph}  # train_step_gpu.py's (7)
-VARIANT_TIMEOUT=${VARIANT_TIMEOUT:-110}  # seconds each of them may take, compiling included
-PARTS=${PARTS:-"cifar_tests cifar_loop speed2"}
-[ "$PARTS" = all ] && PARTS="tutorial cifar_step cifar_tests cifar_loop"
-want() { [[ " $PARTS " == *" $1 "* ]]; }
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-# The device tool brings back at most 8 files from its $OUT: at the exit, however it comes, every log, table and the
-# CIFAR runs' TensorBoard logs go into one archive, $OUT/results.tar.gz (tar -xzf results.tar.gz)
-pack_results() {
-    for run in $CIFAR_RUNS; do [ -d "/tmp/cifar-$run/logs" ] && mkdir -p "$OUT/tensorboard" \
-        && cp -r "/tmp/cifar-$run/logs" "$OUT/tensorboard/${run//+/_}"; done
+# At the exit: one archive of all that $OUT holds (the device tool brings back few files).
+pack() {
     (cd "$OUT" && find . -type f ! -name results.tar.gz -print0 | tar -czf results.tar.gz --null -T - --remove-files \
         && find . -mindepth 1 -type d -empty -delete && ls -l results.tar.gz)
+    rm -rf "$WORK"
 }
-trap pack_results EXIT
-TRAIN=(train.py --preset butterflies-128 --builtin_data --mixed_precision bf16 --train_batch_size "$BATCH"
-       --use_ema --dataloader_num_workers 4 --logging_steps 10 --ddpm_num_inference_steps 20
-       --checkpointing_steps 100000)
+trap pack EXIT
+trap 'exit 143' TERM INT  # stopped from outside: pack all the same
 
-part() { echo; echo "=== $(date +%T), ${SECONDS}s in: $1"; }
+part() { echo; echo "=== $(date +%T), ${SECONDS}s of ${BUDGET}s: $*"; }
+note() { echo "$*" | tee -a "$OUT/summary.txt"; }
+want() { [[ " $PARTS " == *" $1 "* ]]; }
 
-# Seconds for the next command: its own limit, or what is left of $BUDGET if less (0: skip it).
+# Seconds the next command may run: its own limit, or what is left of $BUDGET once its SIGKILL grace and the packing
+# are set aside (0: too little to start it).
 limit() {
-    local left=$((BUDGET - SECONDS - 20))
-    if [ "$left" -lt 30 ]; then echo 0; elif [ "$left" -lt "$1" ]; then echo "$left"; else echo "$1"; fi
+    local left=$((BUDGET - SECONDS - GRACE - 10))
+    if [ "$left" -lt 20 ]; then echo 0; elif [ "$left" -lt "$1" ]; then echo "$left"; else echo "$1"; fi
 }
 
-# budgeted OWN COMMAND...: the command under limit OWN (SIGTERM, then SIGKILL 20 s later), or skipped (exit 124).
-budgeted() {
-    local seconds; seconds=$(limit "$1"); shift
-    if [ "$seconds" = 0 ]; then echo "skipped: the budget of ${BUDGET}s is spent" >&2; return 124; fi
-    timeout -k 20 "$seconds" "$@"
+# run NAME LIMIT COMMAND...: COMMAND, its output in $OUT/NAME.log, SIGTERM at its limit and SIGKILL $GRACE s later
+# (timeout signals the command's whole process group). A command stopped so leaves nothing running on the GPU.
+# Returns 125 if skipped.
+FAILED=0
+run() {
+    local name=$1 seconds start code; seconds=$(limit "$2"); shift 2
+    if [ "$seconds" = 0 ]; then note "$name: skipped, ${SECONDS}s of the ${BUDGET}s budget spent"; return 125; fi
+    start=$SECONDS
+    timeout -k "$GRACE" "$seconds" "$@" > "$OUT/$name.log" 2>&1
+    code=$?
+    note "$name: exit $code after $((SECONDS - start))s (limit ${seconds}s)$([ $code = 124 ] || [ $code = 137 ] \
+        && echo ', stopped at its limit')"
+    if [ $code != 0 ]; then
+        FAILED=$((FAILED + 1))
+        tr '\r' '\n' < "$OUT/$name.log" | grep -av "it/s\]\|s/it\]" | tail -n 20
+    fi
+    if [ $code = 124 ] || [ $code = 137 ]; then
+        command -v nvidia-smi > /dev/null \
+            && nvidia-smi --query-compute-apps=pid --format=csv,noheader | xargs -r kill -9  # this command's own
+    fi
+    return $code
 }
 
-# Median images/s of train.py's 10-step windows after the first 50 steps (compiling, cuDNN set-up), from TensorBoard.
+# Median images/s of train.py's 10-step windows after step 50 (compiling, cuDNN's set-up), from its TensorBoard log.
 loop_rate() {
-    python3 - "$1" <<'EOF'
+    "$PY" - "$1" "$2" <<'EOF' | tee -a "$OUT/summary.txt"
 import os, statistics, sys
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-events = EventAccumulator(sys.argv[1] + "/logs").Reload() if os.path.isdir(sys.argv[1] + "/logs") else None
+name, logs = sys.argv[1], sys.argv[2]
+events = EventAccumulator(logs).Reload() if os.path.isdir(logs) else None
 rates = ([e.value for e in events.Scalars("train/images_per_s") if e.step > 50]
          if events and "train/images_per_s" in events.Tags()["scalars"] else [])
-if rates:
-    print(f"train.py {sys.argv[1]}: median {statistics.median(rates):.1f} images/s over {len(rates)} windows of 10 "
-          f"steps after step 50 (min {min(rates):.1f}, max {max(rates):.1f})")
-else:
-    print(f"train.py {sys.argv[1]}: no 10-step window after step 50")
+print(f"{name}: median {statistics.median(rates):.1f} images/s over {len(rates)} windows of 10 steps after step 50 "
+      f"(min {min(rates):.1f}, max {max(rates):.1f})" if rates else f"{name}: no 10-step window after step 50")
 EOF
 }
 
+if [ "$DRY" = 1 ]; then
+    DEVICE=cpu
+    # the preset's 35.7M-parameter UNet takes a minute a step on 2 shared cores: a tiny one instead
+    tiny='"block_out_channels": [16, 32], "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+          "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "layers_per_block": 1, "norm_num_groups": 8'
+    echo "{$tiny}" > "$WORK/tiny.json"
+    echo "{$tiny, \"in_channels\": 1, \"out_channels\": 1}" > "$WORK/tiny-gray.json"
+    CIFAR=(train.py --preset cifar10-32 --builtin_data --device cpu --model_config_name_or_path "$WORK/tiny.json"
+           --max_train_steps 60 --train_batch_size 4 --eval_batch_size 2 --ddpm_num_inference_steps 2
+           --dataloader_num_workers 0 --logging_steps 10 --checkpointing_steps 100000 --save_images_epochs 100000
+           --save_model_epochs 100000 --no-compile)
+    GRAPH=() COMPILE=()  # --cuda_graph needs a GPU; compiling takes minutes on a CPU
+else
+    DEVICE=cuda
+    CIFAR=(train.py --preset cifar10-32 --builtin_data --max_train_steps "$CIFAR_STEPS" --logging_steps 10
+           --checkpointing_steps 100000 --save_images_epochs 100000 --save_model_epochs 100000
+           --eval_batch_size 64 --ddpm_num_inference_steps 100)
+    GRAPH=(--cuda_graph) COMPILE=(--compile)
+    if compgen -G ".whl/*.whl" > /dev/null; then  # the wheels carried for a machine without network
+        "$PY" -m pip install -q --no-index --no-deps --target "$WORK/site" .whl/*.whl \
+            && PYTHONPATH="$WORK/site:$PYTHONPATH"
+    fi
+fi
+has() { "$PY" -c "import $1" 2> /dev/null; }
+
 part "machine"
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, torch.cuda.get_device_name())"
+command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+"$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() \
+else 'no GPU')" | tee "$OUT/machine.txt"
+for module in diffusers pytest; do has $module || note "$module is not installed: what needs it is skipped"; done
+note "DRY=$DRY PARTS=$PARTS BUDGET=$BUDGET"
 
-if want tutorial; then
-part "1. benchmark, eager bf16, batch $BATCH"
-budgeted 150 python3 benchmarks/benchmark.py --config tutorial128 --device cuda --dtype bf16 --batch_size "$BATCH" \
-    --repeats 5 --train_steps 3 --forward_steps 5 --sample_steps 10 --profile 15 --markdown "$OUT/eager.md" 2>&1 | tee "$OUT/eager.log"
-
-part "2. train.py, eager, 200 steps"
-budgeted 120 python3 "${TRAIN[@]}" --max_train_steps 200 --output_dir /tmp/loop-eager > /tmp/loop-eager.log 2>&1
-echo "exit code $?"; tail -c 500 /tmp/loop-eager.log; echo
-loop_rate /tmp/loop-eager | tee "$OUT/loop.txt"
-
-part "3. torchrun NCCL: SIGTERM, resume, SIGTERM"
-for attempt in first resumed; do
-    resume=(); [ $attempt = resumed ] && resume=(--resume_from_checkpoint latest)
-    torchrun --standalone --nproc_per_node=1 "${TRAIN[@]}" --max_train_steps 100000 --output_dir /tmp/loop-ddp \
-        "${resume[@]}" > "/tmp/ddp-$attempt.log" 2>&1 &
-    launcher=$!
-    sleep 25
-    kill -TERM $launcher
-    wait $launcher
-    echo "$attempt run: exit code $?"
-    grep -E "resumed from|stop signal|saved|rror" "/tmp/ddp-$attempt.log" | tail -4
-done
-ls /tmp/loop-ddp
-loop_rate /tmp/loop-ddp | tee -a "$OUT/loop.txt"
-
-part "4. benchmark, compiled bf16, batch $BATCH"
-budgeted 240 python3 benchmarks/benchmark.py --config tutorial128 --device cuda --dtype bf16 --batch_size "$BATCH" \
-    --repeats 5 --train_steps 3 --measure train --compile \
-    --markdown "$OUT/compiled.md" 2>&1 | tee "$OUT/compiled.log" | grep -v Warning
-
-part "5. train.py, compiled, 200 steps"
-budgeted 150 python3 "${TRAIN[@]}" --max_train_steps 200 --compile --output_dir /tmp/loop-compiled \
-    > /tmp/loop-compiled.log 2>&1
-echo "exit code $?"; tail -c 500 /tmp/loop-compiled.log; echo
-loop_rate /tmp/loop-compiled | tee -a "$OUT/loop.txt"
-
-part "6. benchmark, eager bf16 channels_last, batch $BATCH"
-budgeted 90 python3 benchmarks/benchmark.py --config tutorial128 --device cuda --dtype bf16 --batch_size "$BATCH" \
-    --repeats 5 --train_steps 3 --forward_steps 5 --measure train,forward --channels_last \
-    --markdown "$OUT/channels_last.md" 2>&1 | tee "$OUT/channels_last.log"
+if want tests; then
+    part "tests: the GPU tests (their CPU neighbours too: seconds)"
+    if has pytest; then
+        run tests 150 "$PY" -m pytest -q -rfEs --tb=short -p no:cacheprovider tests/test_device_data.py \
+            tests/test_cuda_graph_step.py tests/test_fast_sampling.py tests/test_fast_norm.py tests/test_train.py \
+            -k "not test_train.py or cuda or gpu" && tail -n 1 "$OUT/tests.log"
+    else note "tests: skipped, pytest is not installed"; fi
 fi
 
-CIFAR=(train.py --preset cifar10-32 --builtin_data --max_train_steps "$CIFAR_STEPS" --logging_steps 10
-       --checkpointing_steps 100000 --save_images_epochs 100000 --save_model_epochs 100000
-       --eval_batch_size 64 --ddpm_num_inference_steps 100)
+# cifar_run NAME LIMIT LAUNCHER... -- FLAGS...: one CIFAR run into $WORK/NAME; its TensorBoard log into $OUT
+cifar_run() {
+    local name=$1 own=$2 launcher=(); shift 2
+    while [ "$1" != -- ]; do launcher+=("$1"); shift; done; shift
+    run "cifar-$name" "$own" "${launcher[@]}" "${CIFAR[@]}" "$@" --output_dir "$WORK/$name"
+    [ $? = 125 ] && return
+    [ -d "$WORK/$name/logs" ] && mkdir -p "$OUT/tensorboard" && cp -r "$WORK/$name/logs" "$OUT/tensorboard/$name"
+    loop_rate "$name" "$WORK/$name/logs"
+}
 
-if want cifar_step; then
-    part "7. train_step_gpu.py: CIFAR UNet, batch 128, bf16, each variant at most $VARIANT_TIMEOUT s"
-    budgeted 570 python3 benchmarks/train_step_gpu.py --variants "$VARIANTS" --variant_timeout "$VARIANT_TIMEOUT" \
-        --markdown "$OUT/cifar-step.md" 2>&1 \
-        | tee "$OUT/cifar-step.log" | grep -v Warning
-fi
-
-if want cifar_tests; then
-    part "8. CUDA tests: device data, no host synchronisation between logging steps, --cuda_graph (torchrun too)"
-    # the GPU tests, FastUNet's too (--cuda_graph draws its sample grids through it); the rest are CPU tests
-    # -rfEs: the FAILED and ERROR lines and the skips' reasons; the whole output in cuda-tests.log
-    budgeted 180 python3 -m pytest -q -rfEs --tb=short tests/test_device_data.py tests/test_train.py \
-        tests/test_cuda_graph_step.py tests/test_fast_sampling.py -k "cuda or wait_for_the_gpu or graph" 2>&1 \
-        | tee "$OUT/cuda-tests.log" | tail -40
-fi
-
-if want cifar_loop; then
-    part "9. train.py --preset cifar10-32 --builtin_data, $CIFAR_STEPS steps: $CIFAR_RUNS"
-    for run in $CIFAR_RUNS; do
-        launch=(python3) extra=() own=120
-        [[ $run == ddp_* ]] && launch=(torchrun --standalone --nproc_per_node=1)
-        if [[ $run == *compiled* ]]; then extra+=(--compile) own=200  # a cold compile of this UNet took 94 s on an H100
-        else extra+=(--no-compile); fi  # the preset compiles on a GPU by itself
-        [[ $run == *graph* ]] && extra+=(--cuda_graph)
-        IFS=+ read -ra more <<< "${run#*+}"  # compiled_graph+fast_norm+channels_last: more flags
-        [[ $run == *+* ]] && extra+=("${more[@]/#/--}")
-        rm -rf "/tmp/cifar-$run"
-        log="$OUT/cifar-${run//+/_}.log"  # the device tool returns names of letters, digits, '.', '_' and '-' only
-        budgeted "$own" "${launch[@]}" "${CIFAR[@]}" "${extra[@]}" --output_dir "/tmp/cifar-$run" > "$log" 2>&1
-        code=$?
-        echo "$run (${extra[*]}): exit code $code"; grep -aE "parameters|rror|skipped" "$log" | head -3
-        [ "$code" != 0 ] && tr '\r' '\n' < "$log" | grep -av "it/s\|s/it" | tail -25  # what went wrong, here
-        loop_rate "/tmp/cifar-$run" | tee -a "$OUT/cifar-loop.txt"
-    done
-    python3 - "$OUT" $CIFAR_RUNS <<'EOF2' | tee -a "$OUT/cifar-loop.txt"
+if want cifar; then
+    part "cifar: train.py --preset cifar10-32 ${GRAPH[*]:-}: eager, under torch.distributed.run, compiled"
+    cifar_run graph 90 "$PY" -- ${GRAPH[@]+"${GRAPH[@]}"} --no-compile
+    cifar_run ddp_graph 100 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 -- \
+        ${GRAPH[@]+"${GRAPH[@]}"} --no-compile
+    cifar_run compiled_graph 200 "$PY" -- ${GRAPH[@]+"${GRAPH[@]}"} ${COMPILE[@]+"${COMPILE[@]}"}  # cold compile ~100 s
+    "$PY" - "$OUT" <<'EOF' | tee -a "$OUT/summary.txt"
 import re, sys
 from pathlib import Path
-out, runs = Path(sys.argv[1]), sys.argv[2:]
-# loop_rate's lines above (the latest of each run)
-medians = dict(re.findall(r"train.py /tmp/cifar-(\S+): median ([0-9.]+) images/s", (out / "cifar-loop.txt").read_text()))
-rate = lambda run: float(medians[run]) if run in medians else None  # noqa: E731
+out = Path(sys.argv[1])
+medians = dict(re.findall(r"^(\S+): median ([0-9.]+) images/s", (out / "summary.txt").read_text(), re.M))
+if "graph" in medians and "ddp_graph" in medians:
+    ddp, plain = float(medians["ddp_graph"]), float(medians["graph"])
+    print(f"DDP's overhead on one card (torch.distributed.run --nproc_per_node=1 against a plain run, both eager "
+          f"graphs): {100 * (1 - ddp / plain):.1f}% ({ddp:.1f} against {plain:.1f} images/s)")
+for log in sorted(out.glob("cifar-*.log")):  # the last sampling bar: the final grid, 64 images
+    bars = re.findall(r"sampling: +\d+%[^\r\n]*?, ([0-9.]+)(s/it|it/s)\]", log.read_text(errors="replace"))
+    if bars:
+        rate = float(bars[-1][0]) if bars[-1][1] == "it/s" else 1 / float(bars[-1][0])
+        print(f"{log.stem}: final grid at {rate:.1f} steps/s (the preset's 1,000-step grid: {1000 / rate:.0f} s)")
+EOF
+fi
 
-for run in runs:
-    if run.startswith("ddp_") and rate(run) and rate(run[4:]):
-        print(f"DDP overhead, {run[4:]} (torchrun --nproc_per_node=1 against a plain run, same card): "
-              f"{100 * (1 - rate(run) / rate(run[4:])):.1f}% ({rate(run):.1f} against {rate(run[4:]):.1f} images/s)")
-    # the last sampling bar of the run's final grid (64 images, 100 steps): the preset's grid is 1,000 steps
-    log = (out / f"cifar-{run.replace('+', '_')}.log").read_text(errors="replace")
-    bars = re.findall(r"sampling: +\d+%[^\r\n]*?, ([0-9.]+)(s/it|it/s)\]", log)
-    if bars and rate(run):
-        steps_per_s = float(bars[-1][0]) if bars[-1][1] == "it/s" else 1 / float(bars[-1][0])
-        grid_s, between_s = 1000 / steps_per_s, 10 * 50_000 / rate(run)  # every 10 epochs of CIFAR-10's 50,000
-        print(f"{run}: grid of 64 images sampled at {steps_per_s:.1f} steps/s: a preset grid (1,000 steps) "
-              f"{grid_s:.1f} s against {between_s:.1f} s of training between grids ({100 * grid_s / (grid_s + between_s):.1f}% of the run)")
-EOF2
+if want tutorial; then
+    part "tutorial: benchmark.py, the tutorial UNet, ddpm against diffusers"
+    if ! has diffusers; then note "tutorial: skipped, diffusers is not installed"
+    elif [ "$DRY" = 1 ]; then  # the small UNet, eager: compiling both models takes minutes on a CPU
+        run tutorial 120 "$PY" benchmarks/benchmark.py --config small --device cpu --batch_size 2 --repeats 1 \
+            --train_steps 1 --measure train --markdown "$OUT/tutorial.md"
+    else
+        run tutorial 240 "$PY" benchmarks/benchmark.py --config tutorial128 --device cuda --dtype bf16 --batch_size 64 \
+            --repeats 3 --train_steps 3 --measure train --compile --markdown "$OUT/tutorial.md"
+    fi
+fi
+
+if want sampling; then
+    part "sampling: sampling_gpu.py, generate() eager against FastUNet"
+    if [ "$DRY" = 1 ]; then run sampling 90 "$PY" benchmarks/sampling_gpu.py --quick
+    else run sampling 150 "$PY" benchmarks/sampling_gpu.py --budget_s 3; fi
+    [ -f "$OUT/sampling.log" ] && grep -a "^|\|; torch" "$OUT/sampling.log"
+fi
+
+if want fast_norm; then
+    part "fast_norm: the compiled CIFAR graph run with --fast_norm"
+    cifar_run compiled_graph_fast_norm 200 "$PY" -- ${GRAPH[@]+"${GRAPH[@]}"} ${COMPILE[@]+"${COMPILE[@]}"} --fast_norm
+fi
+
+if want step; then
+    part "step: train_step_gpu.py, the CIFAR UNet's model step, batch 128, bf16"
+    if [ "$DRY" = 1 ]; then run step 240 "$PY" benchmarks/train_step_gpu.py --quick --markdown "$OUT/step.md"
+    else run step 570 "$PY" benchmarks/train_step_gpu.py --variant_timeout 110 --markdown "$OUT/step.md"; fi
 fi
 
 if want speed2; then
-    seconds=$(limit 100000)  # all that is left
-    part "10. benchmarks/speed2_gpu.sh (issue 10) within ${seconds}s"
-    if [ "$seconds" = 0 ]; then echo "skipped: the budget of ${BUDGET}s is spent"
-    else OUT="$OUT/speed2" BUDGET="$seconds" bash benchmarks/speed2_gpu.sh; fi
+    part "speed2: benchmark.py's fast paths, the tutorial UNet at 128 (ddpm compiled; diffusers eager unless said)"
+    if ! has diffusers; then note "speed2: skipped, diffusers is not installed"; else
+        run norm_fusion 120 "$PY" benchmarks/norm_fusion.py --device "$DEVICE"
+        bench=("$PY" benchmarks/benchmark.py --config tutorial128 --device "$DEVICE" --dtype bf16 --measure train
+               --repeats 5 --train_steps 3 --batch_size 64)
+        [ "$DRY" = 1 ] && bench=("$PY" benchmarks/benchmark.py --config small --device cpu --dtype bf16 --measure train
+                                 --repeats 1 --train_steps 1 --batch_size 2)
+        run speed2-eager_fast_norm 100 "${bench[@]}" --fast_norm --markdown "$OUT/speed2-eager_fast_norm.md"
+        run speed2-channels_last 150 "${bench[@]}" --compile ddpm --channels_last --force_layout_opt \
+            --markdown "$OUT/speed2-channels_last.md"
+        run speed2-fast_norm 150 "${bench[@]}" --compile ddpm --fast_norm --markdown "$OUT/speed2-fast_norm.md"
+        run speed2-profile 150 "${bench[@]}" --compile ddpm --batch_size 128 --profile 30 \
+            --markdown "$OUT/speed2-profile.md"
+    fi
 fi
 
-part "done"
-cat "$OUT"/*.md "$OUT"/*.txt 2> /dev/null
+if want fashion; then
+    part "fashion: the fashion-mnist preset for $FASHION_MINUTES minutes, then its bits/dim on the test split"
+    data=.data/fashion-mnist
+    if [ ! -d "$data" ]; then note "fashion: skipped, $data is not here (benchmarks/README.md: carry it)"; else
+        minutes=$FASHION_MINUTES extra=()
+        [ "$DRY" = 1 ] && minutes=0.2 extra=(--device cpu --model_config_name_or_path "$WORK/tiny-gray.json"
+                                             --ddpm_num_inference_steps 2 --dataloader_num_workers 0)
+        run fashion-train $((${minutes%.*} * 60 + 120)) "$PY" train.py --preset fashion-mnist --train_data_dir "$data" \
+            --max_train_minutes "$minutes" --logging_steps 10 --checkpointing_steps 100000 ${extra[@]+"${extra[@]}"} \
+            --output_dir "$WORK/fashion"
+        mkdir -p "$OUT/fashion"  # what docs/fashion-mnist/figures.py reads: the grids and the TensorBoard log
+        cp -r "$WORK/fashion/samples" "$WORK/fashion/logs" "$WORK/fashion/README.md" "$OUT/fashion/" 2> /dev/null
+        images=${FASHION_IMAGES:-1000}; [ "$DRY" = 1 ] && images=8 extra=(--device cpu)
+        run fashion-bpd 240 "$PY" evaluate.py "$WORK/fashion" --train_data_dir "$data" --split test \
+            --num_images "$images" --batch_size 1000 --output_json "$OUT/fashion/bpd.json" ${extra[@]+"${extra[@]}"}
+        tail -c 300 "$OUT/fashion-bpd.log"; echo
+    fi
+fi
+
+part "done in ${SECONDS}s, $FAILED part(s) failed"
+cat "$OUT/summary.txt"
+for table in "$OUT"/*.md; do [ -f "$table" ] && { echo "--- $table"; cat "$table"; }; done
+[ "$FAILED" = 0 ]

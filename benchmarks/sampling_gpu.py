@@ -10,8 +10,10 @@
 Every row has its own time budget (--budget_s): a short probe estimates the speed, the timed run is cut
 to fit, and a row still running at 3x its budget is stopped and reported as such. Random weights (speed
 does not depend on them); the PyTorch defaults for TF32 (cuDNN convolutions: on; matmuls: off), in all rows.
+Without diffusers installed, the DDPMPipeline row is left out.
 
-$ PYTHONPATH=. python benchmarks/sampling_gpu.py                    # on a GPU: ~10 minutes at most
+$ PYTHONPATH=. python benchmarks/sampling_gpu.py                    # on a GPU: 13 rows of ~15 s, ~4 minutes
+$ PYTHONPATH=. python benchmarks/sampling_gpu.py --budget_s 3       # ~2 minutes (benchmarks/gpu_check.sh)
 $ PYTHONPATH=. python benchmarks/sampling_gpu.py --quick            # a tiny UNet, to check that it runs (CPU too)
 """
 
@@ -22,12 +24,16 @@ import time
 from contextlib import contextmanager
 from typing import Callable
 
-import diffusers
 import torch
 
 from ddpm import DDIMScheduler, DDPMScheduler, UNet2DModel, generate
 from ddpm.fast_sampling import FastUNet
 from ddpm.presets import CIFAR10_UNET, TUTORIAL_UNET
+
+try:
+    import diffusers  # the DDPMPipeline row only
+except ImportError:
+    diffusers = None
 
 QUICK_UNET = {"block_out_channels": [16, 32], "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
               "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "layers_per_block": 1, "norm_num_groups": 8}
@@ -36,7 +42,7 @@ QUICK_UNET = {"block_out_channels": [16, 32], "down_block_types": ["DownBlock2D"
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--budget_s", type=float, default=40.0, help="seconds of timed sampling per row")
+    p.add_argument("--budget_s", type=float, default=10.0, help="seconds of timed sampling per row")
     p.add_argument("--quick", action="store_true",
                    help="a tiny UNet at 8x8, 4 and 8 images, 20 steps, 2 s per row: checks that the script runs")
     args = p.parse_args()
@@ -133,16 +139,16 @@ def main() -> None:
 
     # Part 1: DDPMPipeline against our loop, same weights, same batch
     torch.manual_seed(0)
-    theirs = diffusers.UNet2DModel(**config_a).to(device).eval()
-    pipeline = diffusers.DDPMPipeline(unet=theirs, scheduler=diffusers.DDPMScheduler())
-    pipeline.set_progress_bar_config(disable=True)
-    run_row(label_a, batch_a, "DDPM", "diffusers DDPMPipeline fp32", steps_a,
-            lambda n: pipeline(batch_size=batch_a, generator=torch.manual_seed(0), num_inference_steps=n,
-                               output_type="np"))
-    unet = UNet2DModel(**config_a)
-    unet.load_state_dict(theirs.state_dict())
-    unet = unet.to(device).eval()
-    del pipeline, theirs
+    unet = UNet2DModel(**config_a).to(device).eval()
+    if diffusers is not None:
+        theirs = diffusers.UNet2DModel(**config_a).to(device).eval()
+        theirs.load_state_dict(unet.state_dict())
+        pipeline = diffusers.DDPMPipeline(unet=theirs, scheduler=diffusers.DDPMScheduler())
+        pipeline.set_progress_bar_config(disable=True)
+        run_row(label_a, batch_a, "DDPM", "diffusers DDPMPipeline fp32", steps_a,
+                lambda n: pipeline(batch_size=batch_a, generator=torch.manual_seed(0), num_inference_steps=n,
+                                   output_type="np"))
+        del pipeline, theirs
     for variant in variants:
         model = ours(unet, variant)
         if model is not None:
@@ -166,7 +172,8 @@ def main() -> None:
 
 def print_table(rows: list[tuple], device: torch.device) -> None:
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
-    print(f"\n{card}; torch {torch.__version__}, diffusers {diffusers.__version__}\n")
+    version = diffusers.__version__ if diffusers else "not installed"
+    print(f"\n{card}; torch {torch.__version__}, diffusers {version}\n")
     print("| model | images | sampler | run | steps timed | steps/s | vs DDPMPipeline | time for the full steps |")
     print("|---|---|---|---|---|---|---|---|")
     baseline = {(model, images): n / elapsed for model, images, _, variant, _, n, elapsed, _ in rows
