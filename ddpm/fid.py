@@ -273,7 +273,7 @@ def features_of_dataset(images: torch.utils.data.Dataset, indices: range, networ
 
 def features_of_images(images: torch.Tensor, network: Inception, resize_mode: str, batch_size: int = 64) -> np.ndarray:
     """float32 (N, 2048) features of images (N, 1 or 3, H, W), uint8 or float in [0, 1] (quantized as a PNG)."""
-    images = quantize(images)
+    images = quantize(images).cpu()
     return torch.cat([network.features(resize(images[i:i + batch_size], resize_mode))
                       for i in range(0, len(images), batch_size)]).numpy()
 
