@@ -97,6 +97,7 @@ def test_noise_for_the_gpu_is_the_cpu_draw_queued_without_waiting_for_the_gpu(pe
     generators = (lambda: image_generators(0, [0, 1, 2, 3])) if per_image else (lambda: torch.manual_seed(0))
     shape, cuda = (4, 3, 32, 32), torch.device("cuda")
     randn(shape, generators(), cuda, torch.float32)  # page-locked memory allocated once, then cached
+    torch.cuda.synchronize()  # and free again
     busy_from, busy_to = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     busy_from.record()
     torch.cuda._sleep(2_000_000_000)  # about a second of GPU time, queued before the copy
