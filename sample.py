@@ -38,7 +38,8 @@ from tqdm import tqdm
 
 from ddpm import PipelineLoadError, distributed, generate, load_pipeline
 from ddpm.fast_sampling import FastUNet
-from ddpm.pipeline_io import pipeline_folder, write_temporary
+from ddpm.files import write_atomically
+from ddpm.pipeline_io import pipeline_folder
 from ddpm.sampling import DEFAULT_STEPS, SAMPLERS, image_generators, sample_grid
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -160,8 +161,7 @@ if many_images:
     missing = [i for i, name in enumerate(names) if name not in present]
     distributed.barrier(ctx)  # every process has read the folder before any writes to it
     if ctx.is_main and not settings_path.exists():
-        os.replace(write_temporary(settings_path, lambda tmp: tmp.write_text(json.dumps(settings) + "\n")),
-                   settings_path)
+        write_atomically(settings_path, lambda tmp: tmp.write_text(json.dumps(settings) + "\n"))
     mine = missing[ctx.rank::ctx.world_size]
     if ctx.is_main:
         share = "" if ctx.world_size == 1 else "; the progress bar counts this process's share"
@@ -174,7 +174,7 @@ if many_images:
             images = draw(len(indices), image_generators(args.seed, indices), progress=ctx.is_main)
             for i, image in zip(indices, images):
                 path = outdir / names[i]
-                os.replace(write_temporary(path, lambda tmp, image=image: to_pil(image).save(tmp, format="PNG")), path)
+                write_atomically(path, lambda tmp, image=image: to_pil(image).save(tmp, format="PNG"))
             bar.update(len(indices))
     distributed.barrier(ctx)
     if ctx.is_main:
@@ -197,7 +197,8 @@ for start in range(0, args.num_images, args.batch_size):
 images = torch.cat(batches)  # (N, C, H, W) in [0, 1]
 
 grid = sample_grid(images)  # enlarged, nearest-neighbour, to at least 256 px
-to_pil(grid).save(args.output)
+image_format = Image.registered_extensions()[Path(args.output).suffix.lower()]  # the tmp name has no extension
+write_atomically(Path(args.output), lambda tmp: to_pil(grid).save(tmp, format=image_format))
 print(f"wrote {args.output} ({args.num_images} images)")
 if args.outdir is not None:
     for i, image in enumerate(images):

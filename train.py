@@ -33,17 +33,18 @@ from tqdm.auto import tqdm
 
 from ddpm import DDIMScheduler, DDPMScheduler, UNet2DModel
 from ddpm import distributed, hub, training_state
-from ddpm.checkpoint import CheckpointError, set_aside_checkpoints_after
+from ddpm.checkpoint import CheckpointError, mark_outputs_written, set_aside_checkpoints_after
 from ddpm.cuda_graph_step import CudaGraphStep, on_side_stream, recording_stream
 from ddpm.data import CACHE_BYTES, DataError, EpochSampler, TrainingImages, load_images
 from ddpm.device_data import DeviceDataUnavailable, DeviceImages
 from ddpm.ema import EMA
+from ddpm.files import WriteError
 from ddpm.loggers import LoggerError, make_logger
 from ddpm.loss import draw_noise_and_timesteps
 from ddpm.lr_schedule import learning_rate, set_learning_rate
 from ddpm.presets import check_preset_data
 from ddpm.run_evaluation import RunEvaluation
-from ddpm.run_outputs import RunOutputs, sampling_weights
+from ddpm.run_outputs import RunOutputs, outputs_due, pipeline_missing
 from ddpm.time_budget import NOT_YET_FITTED, TimeBudget
 from ddpm.train_args import parse_args
 from ddpm.train_step import EagerStep, TrainingDiverged
@@ -145,6 +146,40 @@ def resume(args, ctx, output_dir: Path, run: RunState, training: Training, datas
     return resume_path, run
 
 
+def is_complete(args, ctx, output_dir: Path, resume_path: Path | None, run: RunState,
+                batches: EpochBatches) -> bool:
+    """Whether the run resumed from is complete, its final outputs all written (then one line says so). If the
+    pipeline was deleted since, its final outputs are due again."""
+    if resume_path is None or run.step < run.total_steps or run.outputs_due:
+        return False
+    if pipeline_missing(output_dir):
+        run.outputs_due = outputs_due(args, batches.epochs_completed(), epoch_ended=False, last=True)
+        return False
+    log_main(ctx, f"the run in {output_dir} is complete: {run.step} of {run.total_steps} steps, its pipeline "
+                  f"and grids written ({resume_path.name}); nothing to do")
+    return True
+
+
+def finish(ctx, output_dir: Path, run: RunState, logger, evaluation: RunEvaluation | None,
+           hub_repo: hub.HubRepo | None) -> None:
+    """The run's last line (its scores), the logger closed, the processes released, the last upload waited
+    for; at the run's end, its last checkpoint marked complete."""
+    summary = evaluation.summary() if evaluation is not None else None
+    if summary:
+        log_main(ctx, summary)
+    if logger is not None:
+        logger.close()
+    distributed.barrier(ctx)
+    distributed.cleanup(ctx)
+    # after the other ranks are released: an upload may outlast --ddp_timeout
+    uploaded = hub_repo.wait() if hub_repo is not None else True
+    if ctx.is_main and run.step == run.total_steps:
+        if uploaded:
+            mark_outputs_written(output_dir / f"checkpoint-{run.step}")  # the run is complete
+        else:
+            log_main(ctx, "the last upload failed: run the same command again to upload the final pipeline")
+
+
 def start_line(args, ctx, source, dataset, loader, unet, run: RunState, budget,
                steps_per_epoch: float) -> str:
     """What the run trains on, with what, for how long, where."""
@@ -180,7 +215,8 @@ class TrainingLog:
     def count(self, images: int) -> None:
         self.images, self.steps = self.images + images, self.steps + 1
 
-    def write(self, step: int, lr: float, skipped_steps: int) -> None:
+    def write(self, step: int, lr: float, skipped_steps: int) -> float:
+        """Log the window's figures; returns its mean loss."""
         self.latest = {"loss": self.train_step.loss_sum.item() / self.steps, "lr": lr,
                        "grad_norm": self.train_step.grad_norm.item(),
                        "images_per_s": self.images / (time.perf_counter() - self.start),
@@ -192,6 +228,7 @@ class TrainingLog:
             self.progress.set_postfix(loss=f"{self.latest['loss']:.4f}", lr=f"{lr:.2e}",
                                       img_s=f"{self.latest['images_per_s']:.1f}")
         self.start_window()
+        return self.latest["loss"]
 
 
 @record  # under torchrun, a failing rank's traceback goes into the launcher's error summary
@@ -239,6 +276,10 @@ def main(argv=None) -> None:
 
     # Resume
     resume_path, run = resume(args, ctx, output_dir, run, training, len(dataset), budget)
+    batches = EpochBatches(loader, sampler, args.train_batch_size, run, device, memory_format)
+    if is_complete(args, ctx, output_dir, resume_path, run, batches):
+        distributed.cleanup(ctx)
+        return
     # Preemption: from here on a signal is remembered; the step finishes, a checkpoint is written, exit 0
     stop_requested = []
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -248,9 +289,7 @@ def main(argv=None) -> None:
     try:
         logger = make_logger(args, run_config, resumed=resume_path is not None) if ctx.is_main else None
         evaluation = RunEvaluation(args, source, channels, scheduler, device, logger) if ctx.is_main else None
-    except LoggerError as error:
-        fail(str(error))
-    except (DataError, ValueError) as error:  # a bad test split; a schedule whose bound cannot be computed
+    except (LoggerError, DataError, ValueError) as error:  # ValueError: a bound that cannot be computed
         fail(str(error))
     log_main(ctx, start_line(args, ctx, source, dataset, loader, unet, run, budget, steps_per_epoch))
     grid_scheduler = DDIMScheduler.from_config(scheduler.config) if args.sampler == "ddim" else scheduler
@@ -258,7 +297,6 @@ def main(argv=None) -> None:
                          source.description, ctx.world_size) if ctx.is_main else None
 
     # Training loop: one iteration per optimizer step
-    batches = EpochBatches(loader, sampler, args.train_batch_size, run, device, memory_format)
     if args.cuda_graph:  # the same step (clip, AdamW, EMA included), replayed from a CUDA graph
         train_step = CudaGraphStep(model, unet, scheduler, optimizer, ema, autocast_dtype, args.snr_gamma,
                                    args.max_grad_norm, device, graph_stream)
@@ -277,6 +315,11 @@ def main(argv=None) -> None:
                              run.total_steps, run.lr_anchor)
 
     try:
+        if run.outputs_due and ctx.is_main:  # due at the step resumed from, left unwritten (a kill, a stop)
+            log_main(ctx, f"writing the outputs due at step {run.step}, which the run before did not finish")
+            outputs.write(run.outputs_due, unet, ema, run)
+            if not run.outputs_due["final"]:  # (the final ones are marked after their upload)
+                mark_outputs_written(resume_path)
         while run.step < run.total_steps:
             set_learning_rate(optimizer, current_lr())
             # Algorithm 1: x_0 ~ q(x_0) (line 2), eps and t (lines 3-4), a gradient step on L_simple (line 5)
@@ -296,8 +339,8 @@ def main(argv=None) -> None:
                 progress.total = run.total_steps
                 progress.refresh()
             stop = distributed.any_rank(ctx, bool(stop_requested))
-            last, epoch_ended = run.step == run.total_steps or stop, batches.epoch_ended()
-            checkpoint_due = run.step % args.checkpointing_steps == 0 or last
+            last, epoch_ended = run.step == run.total_steps, batches.epoch_ended()
+            checkpoint_due = run.step % args.checkpointing_steps == 0 or last or stop
             # checked (a sync) only before something is logged or saved, so NaN weights never reach the disk
             if run.step % args.logging_steps == 0 or checkpoint_due or epoch_ended:
                 if distributed.any_rank(ctx, bool(train_step.nonfinite.item())):
@@ -305,32 +348,31 @@ def main(argv=None) -> None:
                                            "checkpoint is kept (try a lower --learning_rate, or "
                                            "--mixed_precision bf16)")
             if run.step % args.logging_steps == 0 or run.step == run.total_steps:
-                log.write(run.step, current_lr(), run.skipped_steps)
+                run.logged_loss = log.write(run.step, current_lr(), run.skipped_steps)
+            # the grid and pipeline due now, recorded by the checkpoint: a kill before they are written (and
+            # marked so) leaves them for the resumed run to write
+            run.outputs_due = outputs_due(args, batches.completed, epoch_ended, last)
             if checkpoint_due:
                 saved = training_state.save(ctx, output_dir, run, training, args, run_config, len(dataset),
                                             budget)
                 log_main(ctx, f"saved {saved}")
-            if stop and run.step < run.total_steps:  # a stop in the last step lets the run finish and save
+            if stop and not last:  # a stop in the last step lets the run finish and save
                 log_main(ctx, f"stop signal received: checkpoint written at step {run.step}, exiting")
                 break
-            if ctx.is_main:
-                outputs.save_when_due(unet, ema, run, batches.completed, epoch_ended, last,
-                                      log.latest.get("loss"))
+            if run.outputs_due and ctx.is_main:
+                outputs.write(run.outputs_due, unet, ema, run)
+                if checkpoint_due and not last:  # (the final ones are marked after their upload)
+                    mark_outputs_written(saved)
     except TrainingDiverged as error:
         fail(str(error))
+    except WriteError as error:  # the files written before are intact: the same command continues from them
+        fail(f"{error}; what was written before is intact: free space and run the same command again "
+             "(with --resume_from_checkpoint latest)")
     finally:  # a CUDA graph holding NCCL's collectives would keep the process group from closing
         train_step.release()
 
     progress.close()
-    summary = evaluation.summary() if evaluation is not None else None
-    if summary:
-        log_main(ctx, summary)
-    if logger is not None:
-        logger.close()
-    distributed.barrier(ctx)
-    distributed.cleanup(ctx)
-    if hub_repo is not None:  # after the other ranks are released: an upload may outlast --ddp_timeout
-        hub_repo.wait()
+    finish(ctx, output_dir, run, logger, evaluation, hub_repo)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
         optimizer.pt              AdamW state, read back with torch.load(weights_only=True)
         rng-rank{r}.safetensors   torch CPU / CUDA / noise-generator states of rank r
         state.json                step, data position, LR schedule, grad scaler, EMA step, Python
-                                  and numpy RNG states of every rank
+                                  and numpy RNG states of every rank, the outputs due at the step
+        outputs-written           (empty) the outputs due at the step are written: none is left to redo
 
 Each checkpoint is written into a hidden temporary folder and renamed into place when complete,
 so a kill at any moment leaves the earlier checkpoints intact and never a half-written one.
@@ -24,7 +25,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .files import reported_as_write_error, write_atomically
+
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+# in checkpoint-{step}/, written once the outputs due at that step (grid, pipeline, card, upload) are all written
+OUTPUTS_WRITTEN = "outputs-written"
 
 
 class CheckpointError(ValueError):
@@ -62,18 +67,23 @@ def save_checkpoint(output_dir: Path, step: int, model_state: dict[str, torch.Te
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(contiguous_cpu(model_state), str(tmp / "model.safetensors"))
-    if ema_state is not None:
-        save_file(contiguous_cpu(ema_state), str(tmp / "ema.safetensors"))
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    for rank, (tensors, _) in enumerate(rng_states):
-        save_file(contiguous_cpu(tensors), str(tmp / f"rng-rank{rank}.safetensors"))
-    state = {**state, "rng": [values for _, values in rng_states]}
-    (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
-    for path in tmp.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
+    with reported_as_write_error(f"checkpoint-{step}", output_dir):
+        try:
+            tmp.mkdir(parents=True)
+            save_file(contiguous_cpu(model_state), str(tmp / "model.safetensors"))
+            if ema_state is not None:
+                save_file(contiguous_cpu(ema_state), str(tmp / "ema.safetensors"))
+            torch.save(optimizer_state, tmp / "optimizer.pt")
+            for rank, (tensors, _) in enumerate(rng_states):
+                save_file(contiguous_cpu(tensors), str(tmp / f"rng-rank{rank}.safetensors"))
+            state = {**state, "rng": [values for _, values in rng_states]}
+            (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+            for path in tmp.iterdir():
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+        except BaseException:  # a failed write (a full disk) leaves no half-written folder behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     if final.exists():  # the same step saved again, after resuming from an earlier checkpoint
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -85,6 +95,15 @@ def save_checkpoint(output_dir: Path, step: int, model_state: dict[str, torch.Te
         for old in others[:max(0, len(others) - (total_limit - 1))]:  # oldest first; never the one just written
             shutil.rmtree(old)
     return final
+
+
+def mark_outputs_written(checkpoint: Path) -> None:
+    """Record that the grid, pipeline and card due at the checkpoint's step are all on disk (and uploaded)."""
+    write_atomically(checkpoint / OUTPUTS_WRITTEN, lambda tmp: tmp.write_text(""))
+
+
+def outputs_written(checkpoint: Path) -> bool:
+    return (checkpoint / OUTPUTS_WRITTEN).is_file()
 
 
 def contiguous_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -71,23 +71,26 @@ class HubRepo:
         # HfApi runs its background jobs one at a time, in order
         self.last_upload = self.api.run_as_future(self._upload, snapshot, step)
 
-    def _upload(self, snapshot: Path, step: int) -> None:
+    def _upload(self, snapshot: Path, step: int) -> bool:
         try:
             self.api.upload_folder(repo_id=self.repo_id, folder_path=snapshot, token=self.token,
                                    commit_message=f"Step {step}: pipeline, model card and sample grids")
             tqdm.write(f"uploaded step {step} to {self.url}")
+            return True
         except Exception as error:  # any failure: the run goes on, and the next save uploads everything again
             tqdm.write(f"warning: the upload of step {step} to {self.url} failed, training goes on and the local "
                        f"files are kept: {first_line(error)}")
+            return False
         finally:
             shutil.rmtree(snapshot, ignore_errors=True)
 
-    def wait(self) -> None:
-        """Return when the last upload has finished."""
-        if self.last_upload is not None and not self.last_upload.done():
+    def wait(self) -> bool:
+        """Return when the last upload has finished: whether it succeeded."""
+        if self.last_upload is None:
+            return True
+        if not self.last_upload.done():
             tqdm.write(f"waiting for the last upload to {self.url} to finish")
-        if self.last_upload is not None:
-            self.last_upload.result()
+        return self.last_upload.result()
 
 
 def connect(output_dir: str | os.PathLike, repo_id: str | None, token: str | None, private: bool,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .pipeline_io import write_temporary
+from .files import write_temporary
 
 TAGS = ["pytorch", "diffusers", "unconditional-image-generation", "diffusers:DDPMPipeline", "ddpm"]
 

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .ddim import DEFAULT_CONFIG as DDIM_DEFAULTS
+from .files import reported_as_write_error, write_temporary
 from .ddim import DDIMScheduler
 from .scheduler import DEFAULT_CONFIG as SCHEDULER_DEFAULTS
 from .scheduler import DDPMScheduler
@@ -73,11 +74,17 @@ def save_pipeline(directory: str | os.PathLike, unet: nn.Module, scheduler: DDPM
         files[directory / CLASS_LABELS_NAME] = json.dumps(dict(enumerate(class_names)), indent=2) + "\n"
     weights_path = directory / "unet" / WEIGHTS_NAME
     temporary = {}
-    for path, text in files.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary[path] = write_temporary(path, lambda tmp, text=text: tmp.write_text(text))
-    temporary[weights_path] = write_temporary(
-        weights_path, lambda tmp: save_file(state_dict, str(tmp), metadata={"format": "pt"}))
+    with reported_as_write_error("the pipeline", directory):
+        try:  # every file written before any is renamed: a failed write (a full disk) leaves the old set whole
+            for path, text in files.items():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                temporary[path] = write_temporary(path, lambda tmp, text=text: tmp.write_text(text))
+            temporary[weights_path] = write_temporary(
+                weights_path, lambda tmp: save_file(state_dict, str(tmp), metadata={"format": "pt"}))
+        except BaseException:
+            for tmp in temporary.values():
+                tmp.unlink(missing_ok=True)
+            raise
     for path, tmp in temporary.items():
         os.replace(tmp, path)
     if class_names is None:
@@ -124,15 +131,6 @@ def read_class_labels(directory: str | os.PathLike, unet: nn.Module | None = Non
 def config_json(config: dict[str, Any]) -> str:
     """JSON exactly as diffusers writes it."""
     return json.dumps(config, indent=2, sort_keys=True) + "\n"
-
-
-def write_temporary(path: Path, write) -> Path:
-    """Call `write(tmp)` on a temporary file beside `path`, flush it to disk and return its name."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    return tmp
 
 
 def strip_wrapper_prefixes(name: str) -> str:

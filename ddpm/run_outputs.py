@@ -9,13 +9,18 @@ import torch
 from torchvision.utils import save_image
 
 from .ema import EMA
+from .files import reported_as_write_error, write_atomically
 from .hub import HubRepo
 from .loggers import TensorBoardLogger, WandbLogger
 from .model_card import write_model_card
-from .pipeline_io import save_pipeline
+from .pipeline_io import WEIGHTS_NAME, save_pipeline
 from .run_evaluation import RunEvaluation
 from .sampling import generate, sample_grid
 from .scheduler import DDPMScheduler
+
+
+PIPELINE_FILES = ("model_index.json", "scheduler/scheduler_config.json", "unet/config.json", f"unet/{WEIGHTS_NAME}",
+                  "README.md")
 
 
 def sampling_weights(unet: torch.nn.Module, ema: EMA | None) -> torch.nn.Module:
@@ -25,6 +30,21 @@ def sampling_weights(unet: torch.nn.Module, ema: EMA | None) -> torch.nn.Module:
     ema_model = copy.deepcopy(unet)  # not a new UNet2DModel: its initialisation would draw from the RNG
     ema.copy_to(ema_model)
     return ema_model
+
+
+def outputs_due(args: Namespace, epochs_completed: int, epoch_ended: bool, last: bool) -> dict | None:
+    """What is due after a step: a grid every --save_images_epochs, the pipeline every --save_model_epochs, both
+    at the end (`final`); None when nothing is."""
+    images = last or (epoch_ended and epochs_completed % args.save_images_epochs == 0)
+    model = last or (epoch_ended and epochs_completed % args.save_model_epochs == 0)
+    if not (images or model):
+        return None
+    return {"images": images, "model": model, "final": last, "epochs_completed": epochs_completed}
+
+
+def pipeline_missing(output_dir: Path) -> bool:
+    """Whether a file of the pipeline folder or its card is not there (deleted by hand since the run ended)."""
+    return not all((output_dir / name).is_file() for name in PIPELINE_FILES)
 
 
 class RunOutputs:
@@ -37,22 +57,16 @@ class RunOutputs:
         self.logger, self.evaluation, self.hub_repo = logger, evaluation, hub_repo
         self.data_description, self.world_size = data_description, world_size
 
-    def save_when_due(self, unet: torch.nn.Module, ema: EMA | None, run, epochs_completed: int, epoch_ended: bool,
-                      last: bool, loss: float | None) -> None:
-        """After a step of `run` (training_state.RunState): a grid every --save_images_epochs, the pipeline every
-        --save_model_epochs, both at the end with --score_images' score."""
-        args = self.args
-        save_images = last or (epoch_ended and epochs_completed % args.save_images_epochs == 0)
-        save_model = last or (epoch_ended and epochs_completed % args.save_model_epochs == 0)
-        if not (save_images or save_model):
-            return
+    def write(self, due: dict, unet: torch.nn.Module, ema: EMA | None, run) -> None:
+        """The outputs `due` (outputs_due's) after `run.step` steps (run: training_state.RunState), the final
+        ones with --score_images' score."""
         weights = sampling_weights(unet, ema)  # one EMA copy for both
-        if save_images:
-            self.save_samples(weights, epochs_completed, run.step)
-        if last:
+        if due["images"]:
+            self.save_samples(weights, due["epochs_completed"], run.step)
+        if due["final"]:
             self.evaluation.score_samples(weights, self.grid_scheduler, run.step)
-        if save_model:
-            self.save_pipeline(weights, run.step, run.total_steps, loss)
+        if due["model"]:
+            self.save_pipeline(weights, run.step, run.total_steps, run.logged_loss)
 
     def save_samples(self, weights: torch.nn.Module, epoch_number: int, step: int) -> None:
         """samples/{epoch}.png: a grid drawn with a fixed seed, so that grids compare over the run; logged, and
@@ -62,7 +76,9 @@ class RunOutputs:
                           progress=True)
         grid = sample_grid(images)
         (self.output_dir / "samples").mkdir(parents=True, exist_ok=True)
-        save_image(grid, self.output_dir / "samples" / f"{epoch_number:04d}.png")
+        path = self.output_dir / "samples" / f"{epoch_number:04d}.png"
+        with reported_as_write_error(f"samples/{path.name}", self.output_dir):
+            write_atomically(path, lambda tmp: save_image(grid, tmp, format="png"))
         self.logger.log_image("samples", grid, step)
         self.evaluation.score_grid(images, step)
 
@@ -70,9 +86,9 @@ class RunOutputs:
         """The pipeline folder and its model card (with the run's scores), uploaded with --push_to_hub."""
         save_pipeline(self.output_dir, weights, self.scheduler)
         self.evaluation.estimate_bpd(weights, step)
-        write_model_card(self.output_dir, self.args, data=self.data_description, world_size=self.world_size,
-                         step=step, total_steps=total_steps, loss=loss,
-                         evaluation=self.evaluation.figures or None,
-                         repo_id=self.hub_repo.repo_id if self.hub_repo else None)
+        with reported_as_write_error("the model card", self.output_dir):
+            write_model_card(self.output_dir, self.args, data=self.data_description, world_size=self.world_size,
+                             step=step, total_steps=total_steps, loss=loss, evaluation=self.evaluation.figures or None,
+                             repo_id=self.hub_repo.repo_id if self.hub_repo else None)
         if self.hub_repo is not None:
             self.hub_repo.push(step)

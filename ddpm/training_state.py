@@ -12,8 +12,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import distributed
-from .checkpoint import (CheckpointError, capture_rng_state, list_checkpoints, load_checkpoint, restore_rng_state,
-                         save_checkpoint)
+from .checkpoint import (CheckpointError, capture_rng_state, list_checkpoints, load_checkpoint, outputs_written,
+                         restore_rng_state, save_checkpoint)
 from .data import EpochSampler
 from .ema import EMA
 from .time_budget import TimeBudget
@@ -35,6 +35,9 @@ class RunState:
     skipped_steps: int = 0  # fp16 steps GradScaler skipped
     lr_step: int = 0  # the updates the LR schedule has counted: not the skipped ones; `step` again after a refit
     lr_anchor: tuple[int, float] | None = None  # where the LR decay stood at the budget's last refit (lr_schedule)
+    logged_loss: float | None = None  # the latest logged mean loss (the model card shows it)
+    # the grid and pipeline due at `step` (run_outputs.outputs_due); on resume, those a kill or a stop left unwritten
+    outputs_due: dict | None = None
 
 
 @dataclasses.dataclass
@@ -116,7 +119,9 @@ def resume(path: Path, ctx: distributed.Context, args: Namespace, dataset_size: 
         resumed = dataclasses.replace(run, step=state["step"], epoch=state["epoch"],
                                       epoch_batches=state["epoch_batches"], skipped_steps=state["skipped_steps"],
                                       lr_step=state["lr_step"] if "lr_step" in state
-                                      else state["lr_scheduler"]["last_epoch"])  # (checkpoints before lr_step)
+                                      else state["lr_scheduler"]["last_epoch"],  # (checkpoints before lr_step)
+                                      logged_loss=state.get("logged_loss"),
+                                      outputs_due=None if outputs_written(path) else state.get("outputs_due"))
         if budget is not None:
             fitted = state.get("steps_fitted_to_budget")
             if fitted:  # its budget fitted the run's length: the same end and LR schedule, until fitted again
