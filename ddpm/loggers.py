@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
+from .files import write_atomically
+
 
 class LoggerError(RuntimeError):
     """The logger cannot start: the message says why and what to do."""
@@ -52,7 +54,7 @@ class WandbLogger:
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise LoggerError(f"wandb could not start: {reason} (`wandb login`, or WANDB_MODE=offline to log "
                               "without network)") from None
-        id_file.write_text(self.run.id)
+        write_atomically(id_file, lambda tmp: tmp.write_text(self.run.id))  # a kill leaves the old id or the new
 
     def log_scalars(self, values: dict[str, float], step: int) -> None:
         self.run.log(values, step=step)
