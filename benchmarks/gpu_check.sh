@@ -24,7 +24,7 @@ DRY=${DRY:-0}
 PY=${PY:-python3}
 PARTS=${PARTS:-"tests cifar tutorial sampling fast_norm"}
 CIFAR_STEPS=${CIFAR_STEPS:-200}
-FASHION_MINUTES=${FASHION_MINUTES:-5}
+FASHION_MINUTES=${FASHION_MINUTES:-4}
 GRACE=40  # seconds from SIGTERM to SIGKILL: torch.distributed.run gives its workers 30 to stop
 WORK=$(mktemp -d)  # run folders; what is worth keeping is copied into $OUT
 mkdir -p "$OUT"
@@ -37,7 +37,8 @@ pack() {
     rm -rf "$WORK"
 }
 trap pack EXIT
-trap 'exit 143' TERM INT  # stopped from outside: pack all the same
+# stopped from outside: stop the part running (see run), then pack all the same
+trap 'note "stopped from outside at ${SECONDS}s"; [ -n "${CHILD:-}" ] && kill -TERM "$CHILD"; wait; exit 143' TERM INT
 
 part() { echo; echo "=== $(date +%T), ${SECONDS}s of ${BUDGET}s: $*"; }
 note() { echo "$*" | tee -a "$OUT/summary.txt"; }
@@ -58,8 +59,11 @@ run() {
     local name=$1 seconds start code; seconds=$(limit "$2"); shift 2
     if [ "$seconds" = 0 ]; then note "$name: skipped, ${SECONDS}s of the ${BUDGET}s budget spent"; return 125; fi
     start=$SECONDS
-    timeout -k "$GRACE" "$seconds" "$@" > "$OUT/$name.log" 2>&1
+    timeout -k "$GRACE" "$seconds" "$@" > "$OUT/$name.log" 2>&1 &  # waited for: a signal to this script is not
+    CHILD=$!                                                           # held until the part ends
+    wait "$CHILD"
     code=$?
+    CHILD=
     note "$name: exit $code after $((SECONDS - start))s (limit ${seconds}s)$([ $code = 124 ] || [ $code = 137 ] \
         && echo ', stopped at its limit')"
     if [ $code != 0 ]; then
@@ -95,9 +99,9 @@ if [ "$DRY" = 1 ]; then
     echo "{$tiny}" > "$WORK/tiny.json"
     echo "{$tiny, \"in_channels\": 1, \"out_channels\": 1}" > "$WORK/tiny-gray.json"
     CIFAR=(train.py --preset cifar10-32 --builtin_data --device cpu --model_config_name_or_path "$WORK/tiny.json"
-           --max_train_steps 60 --train_batch_size 4 --eval_batch_size 2 --ddpm_num_inference_steps 2
-           --dataloader_num_workers 0 --logging_steps 10 --checkpointing_steps 100000 --save_images_epochs 100000
-           --save_model_epochs 100000 --no-compile)
+           --max_train_steps 12 --train_batch_size 4 --eval_batch_size 2 --ddpm_num_inference_steps 2
+           --dataloader_num_workers 0 --logging_steps 4 --checkpointing_steps 100000 --save_images_epochs 100000
+           --save_model_epochs 100000)
     GRAPH=() COMPILE=()  # --cuda_graph needs a GPU; compiling takes minutes on a CPU
 else
     DEVICE=cuda
@@ -110,7 +114,11 @@ else
             && PYTHONPATH="$WORK/site:$PYTHONPATH"
     fi
 fi
-has() { "$PY" -c "import $1" 2> /dev/null; }
+INSTALLED=" "  # the optional modules importable here, each between spaces
+for module in diffusers pytest; do
+    if "$PY" -c "import $module" 2> /dev/null; then INSTALLED+="$module "; fi
+done
+has() { [[ "$INSTALLED" == *" $1 "* ]]; }
 
 part "machine"
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
@@ -154,7 +162,7 @@ if "graph" in medians and "ddp_graph" in medians:
     print(f"DDP's overhead on one card (torch.distributed.run --nproc_per_node=1 against a plain run, both eager "
           f"graphs): {100 * (1 - ddp / plain):.1f}% ({ddp:.1f} against {plain:.1f} images/s)")
 for log in sorted(out.glob("cifar-*.log")):  # the last sampling bar: the final grid, 64 images
-    bars = re.findall(r"sampling: +\d+%[^\r\n]*?, ([0-9.]+)(s/it|it/s)\]", log.read_text(errors="replace"))
+    bars = re.findall(r"sampling: +\d+%[^\r\n]*?, +([0-9.]+)(s/it|it/s)\]", log.read_text(errors="replace"))
     if bars:
         rate = float(bars[-1][0]) if bars[-1][1] == "it/s" else 1 / float(bars[-1][0])
         print(f"{log.stem}: final grid at {rate:.1f} steps/s (the preset's 1,000-step grid: {1000 / rate:.0f} s)")
