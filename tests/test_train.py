@@ -900,3 +900,14 @@ def test_train_py_steps_between_logging_and_checkpoint_steps_never_wait_for_the_
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert len(calls) == 8
+
+
+def test_resuming_a_checkpoint_of_another_batch_size_or_without_ema_is_refused_in_one_line(tmp_path):
+    out = run(tmp_path, max_train_steps=2, checkpointing_steps=2)
+    for options, expected in ((dict(train_batch_size=2), "it was written with train_batch_size 4, this run has 2"),
+                              (dict(use_ema=True), "--use_ema is on but it holds no EMA weights")):
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(tiny_args(tmp_path, max_train_steps=4, resume_from_checkpoint="latest", **options))
+        message = str(exit_info.value.code)
+        assert message.startswith(f"train.py: error: cannot resume from {str(out / 'checkpoint-2')!r}: {expected}")
+        assert "\n" not in message
