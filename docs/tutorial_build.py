@@ -1,6 +1,9 @@
 """Writes docs/tutorial.ipynb from the cells below, runs it top to bottom and stores it with its outputs.
 
-    .venv/bin/python docs/tutorial_build.py        # about 3 minutes on 2 CPU cores
+    OMP_NUM_THREADS=1 .venv/bin/python docs/tutorial_build.py
+
+About 3.5 minutes on this project's 2-core machine while other jobs ran (OMP_NUM_THREADS=1 there: on two busy cores
+two threads ran a training step 14x slower than one). The stored outputs are that run's.
 
 Edit the cells here, not in the notebook: tests/test_tutorial.py checks that the two agree, and runs the notebook.
 """
@@ -24,16 +27,18 @@ pictures. Each section opens with the paper's equation or algorithm it shows and
 2. **The forward process** q(x_t | x_0) (Eq. 4) and the noise schedule
 3. **The network** eps_theta(x_t, t)
 4. **Algorithm 1**, training: two minutes on a CPU, and the loss curve
-5. **Algorithm 2**, sampling: the reverse trajectory x_T -> x_0; DDPM against DDIM
+5. **Algorithm 2**, sampling: the reverse trajectory x_T -> x_0; DDPM against DDIM and DPM-Solver++
 6. **The bound** (Eq. 5): bits per timestep, and the rate-distortion picture of Sec. 4.3
 7. **The folder**: the trained model as a diffusers `DDPMPipeline` folder
 
 It needs no GPU, no download and no diffusers (section 7 uses diffusers if it is installed): from the
 repository root, `pip install -e '.[plot]' jupyter`, then `jupyter notebook docs/tutorial.ipynb`. Run top to
-bottom it takes about 3 minutes on 2 CPU cores, two of them training.
+bottom it took about 3.5 minutes on one thread of a 2-core CPU busy with other jobs; the outputs stored here
+are that run's.
 
-Indices: the paper counts timesteps t = 1..T, the code 0..T-1, so the code's t is the paper's t + 1 and
-`t = 999` is x_T. Equations are written in plain text: `abar_t` is alpha-bar_t = prod_{s<=t} (1 - beta_s).
+Indices: the paper counts timesteps t = 1..T, the code 0..T-1, so the code's t is the paper's t - 1:
+`t = 999` is x_T, `t = 0` is x_1. Equations are written in plain text: `abar_t` is alpha-bar_t =
+prod_{s<=t} (1 - beta_s).
 """
 
 SETUP = r"""
@@ -163,7 +168,8 @@ sinusoidal position embedding, added in every ResNet block. **Code:** `ddpm.UNet
 module.
 
 A small one: the `quickstart` preset's (`ddpm/presets.py`), three levels of 16, 32 and 32 channels at
-16x16, 8x8 and 4x4, one ResNet block a level, self-attention only in the middle block. The paper's CIFAR-10
+16x16, 8x8 and 4x4, one ResNet block a level on the way down (two on the way up, which also take the skips),
+self-attention only in the middle block. The paper's CIFAR-10
 model is the same design with four levels of 128 to 256 channels (35.7M parameters).
 """
 
@@ -198,7 +204,8 @@ print(f"{'all':16}{'':>40}{sum(p.numel() for p in unet.parameters()):>12,}")
 
 EMBEDDING_MD = r"""
 The network is told t by `timestep_embedding`: sines and cosines of t at geometrically spaced frequencies
-(Appendix B), here 16 numbers per t, which an MLP widens to the 64 each ResNet block adds to its channels.
+(Appendix B), here 16 numbers per t; an MLP widens them to 64, which each ResNet block projects onto its own
+channels and adds.
 """
 
 EMBEDDING = r"""
@@ -230,7 +237,7 @@ def predictions(unet):
     errors = ((eps_theta - eps) ** 2).mean(dim=(1, 2, 3))
     show([[x0[0], x_t[i], eps[i] / 2, eps_theta[i] / 2] for i in range(3)],
          column_titles=["x_0", "x_t", "eps / 2", "eps_theta(x_t, t) / 2"],
-         row_titles=[f"t = {t}\n|eps - eps_theta|^2\n= {e:.3f}" for t, e in zip(timesteps.tolist(), errors)],
+         row_titles=[f"t = {t}\nL_simple = {e:.3f}" for t, e in zip(timesteps.tolist(), errors)],
          size=1.5)
 
 
@@ -249,15 +256,16 @@ TRAIN_MD = r"""
     5:   take a gradient descent step on  grad_theta || eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t) ||^2
     6: until converged
 
-The loss of line 5 is L_simple (Eq. 14): the variational bound of Eq. 5 with its weights dropped.
+The loss of line 5 is L_simple (Eq. 14): the terms of the variational bound (Eq. 12) without their weights.
 **Code:** `ddpm.loss.draw_noise_and_timesteps` (lines 3-4) and `ddpm.loss.diffusion_loss` (line 5: Eq. 4, then
 Eq. 14, averaged over pixels and batch); `train.py` runs the same loop with the machinery of long runs
 (checkpoints, EMA, DDP, mixed precision).
 
-Here: batches of 64, AdamW with a linear warmup over 100 steps then half a cosine to 0 as the time runs out,
-gradients clipped to norm 1 (as `train.py`). The paper trains 800k steps; two minutes on a CPU give a rough
-model, which is enough to see every picture below. (The `quickstart` preset draws crisp shapes in ten minutes
-by departing from the paper: `docs/quickstart.md`.)
+Here: batches of 16 (in two minutes, more steps on fewer images train further than the `quickstart` preset's
+64), AdamW, the learning rate warmed up over the first 100 steps and brought down to 0 by half a cosine as
+the time runs out, gradients clipped to norm 1 (as `train.py` does). The paper trains 800k steps; two minutes
+on a CPU give a rough model, which is enough to see every picture below. (The `quickstart` preset draws crisp
+shapes in ten minutes by departing from the paper: `docs/quickstart.md`.)
 """
 
 TRAIN = r"""
@@ -265,7 +273,7 @@ optimizer = torch.optim.AdamW(unet.parameters(), lr=4e-3, betas=(0.8, 0.99), wei
 
 
 def learning_rate(step: int, progress: float) -> float:
-    # linear warmup over 100 steps, then half a cosine from 4e-3 to 0 over the time budget (progress 0..1)
+    # linear warmup over the first 100 steps; half a cosine from 4e-3 to 0 over the time budget (progress 0..1)
     return 4e-3 * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -276,7 +284,7 @@ start = time.perf_counter()
 while (elapsed := time.perf_counter() - start) < TRAIN_SECONDS:
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(len(losses), elapsed / TRAIN_SECONDS)
-    x0_batch = data[torch.randint(len(data), (64,), generator=generator)]  # line 2
+    x0_batch = data[torch.randint(len(data), (16,), generator=generator)]  # line 2
     eps_batch, t_batch = draw_noise_and_timesteps(x0_batch, scheduler.config["num_train_timesteps"], generator)
     loss = diffusion_loss(unet, scheduler, x0_batch, eps_batch, t_batch)  # line 5, L_simple (Eq. 14)
     loss.backward()
@@ -285,7 +293,7 @@ while (elapsed := time.perf_counter() - start) < TRAIN_SECONDS:
     optimizer.zero_grad(set_to_none=True)
     losses.append(loss.item())
 unet.eval()
-print(f"{len(losses)} steps ({len(losses) * 64:,} images) in {elapsed:.0f} s; "
+print(f"{len(losses)} steps ({len(losses) * 16:,} images) in {elapsed:.0f} s; "
       f"mean loss of the last 100 steps {sum(losses[-100:]) / len(losses[-100:]):.4f}")
 
 losses_tensor = torch.tensor(losses)
@@ -325,20 +333,21 @@ SAMPLE_MD = r"""
     6: return x_0
 
 Line 4 is the mean of Eq. 11 plus noise of sigma_t^2 = betatilde_t (Sec. 3.2). **Code:** `ddpm.generate` is the
-whole algorithm; `DDPMScheduler.step` is lines 3-4 (it forms the mean through Eq. 15's x_0 and Eq. 7, the same
-number, with x_0 clipped to [-1, 1] as the paper's code does).
+whole algorithm; `DDPMScheduler.step` is lines 3-4. It forms the mean from the x_0 of Eq. 15 put into Eq. 7,
+which is Eq. 11 as long as x_0 is not clipped; it clips x_0 to [-1, 1], as the paper's code does.
 
 `generate` has no hook into its loop, so the loop is written out here to keep the x_t it passes through, and
 the x_0 that eps_theta predicts from each (Eq. 15: x_0 = (x_t - sqrt(1 - abar_t) eps_theta) / sqrt(abar_t)), as the
-paper's Fig. 6 shows them. The final images equal `generate`'s exactly: the cell checks it.
+paper's Fig. 6 shows them. It is `generate`'s loop: the cell checks that both draw the same pixels (over 20
+steps, which is quicker).
 """
 
 SAMPLE = r"""
 @torch.inference_mode()
-def sample_keeping(unet, scheduler, count, generator, kept):
+def sample_keeping(unet, scheduler, count, generator, kept, steps=1000):
     # Algorithm 2, keeping x_t and the predicted x_0 at the timesteps in `kept`
     x = torch.randn((count, 3, 16, 16), generator=generator)  # line 1: x_T ~ N(0, I)
-    scheduler.set_timesteps(1000)
+    scheduler.set_timesteps(steps)
     trajectory, predicted_x0 = {}, {}
     for t in scheduler.timesteps:  # line 2: t = T, ..., 1
         eps_theta = unet(x, t)
@@ -353,9 +362,13 @@ kept = [999, 900, 750, 600, 500, 400, 250, 100, 0]
 start = time.perf_counter()
 x0_sampled, trajectory, predicted_x0 = sample_keeping(unet, scheduler, 8, torch.Generator().manual_seed(0), kept)
 ddpm_seconds = time.perf_counter() - start
-ddpm_images = generate(unet, scheduler, 8, torch.Generator().manual_seed(0))  # in [0, 1]
-assert torch.equal((x0_sampled / 2 + 0.5).clamp(0, 1), ddpm_images), "the loop above is not ddpm.generate"
-print(f"8 images, 1000 steps: {ddpm_seconds:.1f} s; the same pixels as ddpm.generate")
+ddpm_images = (x0_sampled / 2 + 0.5).clamp(0, 1)  # [-1, 1] to [0, 1], as generate returns them
+print(f"8 images, 1000 steps: {ddpm_seconds:.1f} s")
+
+x0_check = sample_keeping(unet, scheduler, 8, torch.Generator().manual_seed(0), kept=[], steps=20)[0]
+assert torch.equal((x0_check / 2 + 0.5).clamp(0, 1),
+                   generate(unet, scheduler, 8, torch.Generator().manual_seed(0), num_inference_steps=20))
+print("the loop above and ddpm.generate: the same pixels")
 
 for i in range(3):
     show([[trajectory[t][i] for t in kept] + [x0_sampled[i]], [predicted_x0[t][i] for t in kept] + [x0_sampled[i]]],
@@ -407,9 +420,9 @@ BOUND_MD = r"""
     L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t))   two Gaussians: Eq. 6-7 against the model
     L_0     = -log p_theta(x_0 | x_1)                           the discretised decoder, Eq. 13
 
-Each is counted in bits per dimension (divided by C*H*W and by ln 2), as the paper's Table 2 reports
+Each is counted in bits per dimension (divided by C*H*W and by ln 2), as the paper's Table 1 reports
 the total. **Code:** `ddpm.likelihood.VariationalBound.evaluate` (all T + 1 terms for a batch);
-`evaluate.py --bpd` estimates the total for a test set. Four held-out images (drawn with another seed than
+`python evaluate.py FOLDER` computes the total over a test set. Four held-out images (drawn with another seed than
 the training set):
 """
 
@@ -524,6 +537,14 @@ else:
          row_titles=["ddpm", "diffusers"])
 """
 
+NEXT_MD = r"""
+## Next
+
+`python train.py` trains the `quickstart` preset: crisp shapes in ten minutes on a CPU. `docs/paper-to-code.md`
+follows each equation into the code. `python sample.py FOLDER` and `python evaluate.py FOLDER` sample and score
+any pipeline folder, ours or diffusers'.
+"""
+
 END = r"""
 print(f"the notebook ran in {time.perf_counter() - notebook_start:.0f} s")
 """
@@ -538,7 +559,7 @@ CELLS = [
     ("markdown", SAMPLE_MD), ("code", SAMPLE), ("markdown", DDIM_MD), ("code", DDIM),
     ("markdown", BOUND_MD), ("code", BOUND), ("markdown", RATE_MD), ("code", RATE),
     ("markdown", FOLDER_MD), ("code", FOLDER), ("markdown", DIFFUSERS_MD), ("code", DIFFUSERS),
-    ("code", END),
+    ("code", END), ("markdown", NEXT_MD),
 ]
 
 
