@@ -1,16 +1,17 @@
 """Classifier-free guidance (ddpm/guidance.py) against diffusers' UNet2DModel and DDPMScheduler, guided by hand."""
 
+from __future__ import annotations  # the diffusers annotations below are not evaluated
+
 import random
 
-import diffusers
 import pytest
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
 from ddpm import DDIMScheduler, DDPMScheduler, UNet2DModel, generate
 from ddpm.fast_sampling import FastUNet
 from ddpm.guidance import GuidedUNet, class_label, drop_class_labels, null_label
-from oracle import MICRO, diffusers_unet, measured, relative_error, single_thread  # noqa: F401  (autouse fixture)
+from oracle import (MICRO, diffusers, diffusers_unet, measured, relative_error,  # noqa: F401  (autouse fixture)
+                    single_thread)
 
 CLASSES = 4
 CONFIG = dict(MICRO, num_class_embeds=CLASSES + 1)  # label 4 is the null label
@@ -96,7 +97,8 @@ def test_guided_sampling_matches_a_diffusers_loop_guided_by_hand(unets, scale):
     images = generate(GuidedUNet(ours, labels, scale), DDPMScheduler(), 2, torch.manual_seed(3),
                       num_inference_steps=10)
     scheduler, generator = diffusers.DDPMScheduler(), torch.manual_seed(3)
-    x = randn_tensor((2, 3, 8, 8), generator=generator)  # DDPMPipeline.__call__, the guidance added by hand
+    # DDPMPipeline.__call__, the guidance added by hand
+    x = diffusers.utils.torch_utils.randn_tensor((2, 3, 8, 8), generator=generator)
     scheduler.set_timesteps(10)
     with torch.no_grad():
         for t in scheduler.timesteps:

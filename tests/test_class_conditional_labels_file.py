@@ -2,13 +2,12 @@
 
 import json
 
-import diffusers
 import pytest
 import torch
 
 from ddpm import DDPMScheduler, PipelineLoadError, UNet2DModel, load_pipeline, save_pipeline
 from ddpm.pipeline_io import read_class_labels
-from oracle import TINY, single_thread  # noqa: F401  (autouse fixture)
+from oracle import TINY, diffusers, single_thread  # noqa: F401  (autouse fixture)
 
 NAMES = [f"class-{k}" for k in range(12)]  # 12 classes: keys "10" and "11" follow "9"
 

@@ -1,13 +1,12 @@
 """ddpm.DPMSolverMultistepScheduler against diffusers.DPMSolverMultistepScheduler: config, set_timesteps and step
 for every option we support, to 1e-6 (fp32, one thread)."""
 
-import diffusers
 import pytest
 import torch
 
 from ddpm import DDPMScheduler, DPMSolverMultistepScheduler
 from ddpm.dpm_solver import DEFAULT_CONFIG as DPM_DEFAULTS
-from oracle import (SCHEDULES, max_abs_diff, measured, public_config, randn, single_thread,  # noqa: F401
+from oracle import (SCHEDULES, diffusers, max_abs_diff, measured, public_config, randn, single_thread,  # noqa: F401
                     step_worst_difference)
 
 TOLERANCE = 1e-6

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import scipy.linalg
 import torch
 from PIL import Image
 
@@ -24,7 +23,9 @@ from ddpm.fid import kernel_inception_distance, quantize
 from ddpm.inception import resize
 from ddpm.sampling import image_generators
 from fid_helpers import ACTIVE, save_tiny_inception, write_images
-from oracle import perturb_, single_thread  # noqa: F401  (autouse fixture)
+from oracle import ImportedAtFirstUse, perturb_, single_thread  # noqa: F401  (autouse fixture)
+
+scipy = ImportedAtFirstUse("scipy")  # the reference FID's matrix square root: skipped without scipy
 
 REPO = Path(__file__).resolve().parents[1]
 EVALUATE_PY = REPO / "evaluate.py"

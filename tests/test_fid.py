@@ -7,7 +7,6 @@ module with the Inception's interface (tests/fid_helpers.py), so nothing here ne
 
 import numpy as np
 import pytest
-import scipy.linalg
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -18,7 +17,9 @@ from ddpm.fid import (KID_SEED, FeatureStatistics, ReferenceImages, ReferenceSta
                       reference_statistics)
 from ddpm.inception import InceptionError, load_inception, resize, resize_bilinear_tf1, resize_clean
 from fid_helpers import save_tiny_inception, write_images
-from oracle import single_thread  # noqa: F401  (autouse fixture)
+from oracle import ImportedAtFirstUse, single_thread  # noqa: F401  (autouse fixture)
+
+scipy = ImportedAtFirstUse("scipy")  # the reference FID's matrix square root: skipped without scipy
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # the tests' networks are scripted
 

@@ -1,14 +1,15 @@
 """ddpm.generate with a DPMSolverMultistepScheduler against diffusers: a DDPMPipeline loaded from our saved folder,
 its scheduler swapped for `DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)`, gives our pixels."""
 
-import diffusers
+from __future__ import annotations  # the diffusers annotation below are not evaluated
+
 import numpy as np
 import pytest
 import torch
 
 from ddpm import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, generate, load_pipeline, save_pipeline
 from ddpm.sampling import SAMPLERS, sampling_scheduler
-from oracle import measured, micro_unets, single_thread  # noqa: F401  (autouse fixture)
+from oracle import diffusers, measured, micro_unets, single_thread  # noqa: F401  (autouse fixture)
 
 TOLERANCE = 1e-5
 
