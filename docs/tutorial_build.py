@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python docs/tutorial_build.py
 
-About 3.5 minutes on this project's 2-core machine while other jobs ran (OMP_NUM_THREADS=1 there: on two busy cores
+About 4 minutes on this project's 2-core machine while other jobs ran (OMP_NUM_THREADS=1 there: on two busy cores
 two threads ran a training step 14x slower than one). The stored outputs are that run's.
 
 Edit the cells here, not in the notebook: tests/test_tutorial.py checks that the two agree, and runs the notebook.
@@ -33,7 +33,7 @@ pictures. Each section opens with the paper's equation or algorithm it shows and
 
 It needs no GPU, no download and no diffusers (section 7 uses diffusers if it is installed): from the
 repository root, `pip install -e '.[plot]' jupyter`, then `jupyter notebook docs/tutorial.ipynb`. Run top to
-bottom it took about 3.5 minutes on one thread of a 2-core CPU busy with other jobs; the outputs stored here
+bottom it took about 4 minutes on one thread of a 2-core CPU busy with other jobs; the outputs stored here
 are that run's.
 
 Indices: the paper counts timesteps t = 1..T, the code 0..T-1, so the code's t is the paper's t - 1:
@@ -575,7 +575,7 @@ def build() -> nbformat.NotebookNode:
 def main() -> None:
     notebook = build()
     start = time.perf_counter()
-    NotebookClient(notebook, timeout=600, kernel_name="python3",
+    NotebookClient(notebook, timeout=600, kernel_name="python3", record_timing=False,  # no timestamps in the file
                    resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
     nbformat.write(notebook, NOTEBOOK)
     print(f"wrote {NOTEBOOK}, executed in {time.perf_counter() - start:.0f} s", file=sys.stderr)
