@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ddpm import DDIMScheduler, DDPMScheduler, UNet2DModel
+from ddpm import DDPMScheduler, UNet2DModel
 from ddpm import distributed, hub, training_state
 from ddpm.checkpoint import CheckpointError, mark_outputs_written, set_aside_checkpoints_after
 from ddpm.cuda_graph_step import CudaGraphStep, on_side_stream, recording_stream
@@ -45,6 +45,7 @@ from ddpm.lr_schedule import learning_rate, set_learning_rate
 from ddpm.presets import check_preset_data
 from ddpm.run_evaluation import RunEvaluation
 from ddpm.run_outputs import RunOutputs, outputs_due, pipeline_missing
+from ddpm.sampling import sampling_scheduler
 from ddpm.time_budget import NOT_YET_FITTED, TimeBudget
 from ddpm.train_args import parse_args
 from ddpm.train_step import EagerStep, TrainingDiverged
@@ -203,14 +204,21 @@ class TrainingLog:
     """The figures logged every --logging_steps (mean loss, LR, gradient norm, images/s), to the logger
     and the progress bar; `latest` keeps the last ones (the model card shows the loss)."""
 
-    def __init__(self, logger, progress: tqdm, train_step, ema: EMA | None):
+    def __init__(self, logger, progress: tqdm, train_step, ema: EMA | None, window: list | None):
         self.logger, self.progress, self.train_step, self.ema = logger, progress, train_step, ema
         self.latest = {}
         self.start_window()
+        if window is not None:  # a resumed run: the losses since the last log, as the checkpoint kept them
+            self.train_step.loss_sum.fill_(window[0])
+            self.steps = window[1]
 
     def start_window(self) -> None:
         self.start, self.images, self.steps = time.perf_counter(), 0, 0
         self.train_step.loss_sum.zero_()
+
+    def window(self) -> list:
+        """[sum, steps] of the losses since the last log (a sync: for checkpoints only)."""
+        return [self.train_step.loss_sum.item(), self.steps]
 
     def count(self, images: int) -> None:
         self.images, self.steps = self.images + images, self.steps + 1
@@ -292,7 +300,7 @@ def main(argv=None) -> None:
     except (LoggerError, DataError, ValueError) as error:  # ValueError: a bound that cannot be computed
         fail(str(error))
     log_main(ctx, start_line(args, ctx, source, dataset, loader, unet, run, budget, steps_per_epoch))
-    grid_scheduler = DDIMScheduler.from_config(scheduler.config) if args.sampler == "ddim" else scheduler
+    grid_scheduler = sampling_scheduler(args.sampler, scheduler.config)
     outputs = RunOutputs(args, output_dir, scheduler, grid_scheduler, logger, evaluation, hub_repo,
                          source.description, ctx.world_size) if ctx.is_main else None
 
@@ -308,7 +316,7 @@ def main(argv=None) -> None:
                     desc="training", disable=not ctx.is_main, dynamic_ncols=True)
     if budget is not None:
         budget.start(run.step)
-    log = TrainingLog(logger, progress, train_step, ema)
+    log = TrainingLog(logger, progress, train_step, ema, run.loss_window)
 
     def current_lr() -> float:
         return learning_rate(args.lr_scheduler, args.learning_rate, run.lr_step, args.lr_warmup_steps,
@@ -353,6 +361,7 @@ def main(argv=None) -> None:
             # marked so) leaves them for the resumed run to write
             run.outputs_due = outputs_due(args, batches.completed, epoch_ended, last)
             if checkpoint_due:
+                run.loss_window = log.window()
                 saved = training_state.save(ctx, output_dir, run, training, args, run_config, len(dataset),
                                             budget)
                 log_main(ctx, f"saved {saved}")

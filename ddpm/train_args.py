@@ -11,6 +11,7 @@ import torch
 
 from ddpm.data import CACHE_BYTES
 from ddpm.presets import PRESETS
+from ddpm.sampling import DEFAULT_STEPS, SAMPLERS
 from ddpm.unet import UNet2DModel
 
 DESCRIPTION = ("Train a DDPM image model. A preset (--preset) sets the recipe; each flag typed overrides its value "
@@ -98,9 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--save_images_epochs", type=int, default=None, help="write a sample grid every N epochs (and at the end)")
     add("--save_model_epochs", type=int, default=None, help="write the pipeline every N epochs (and at the end)")
     add("--eval_batch_size", type=int, default=None, help="images in each sample grid")
-    add("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="the sampler that draws the sample grids")
+    add("--sampler", default="ddpm", choices=list(SAMPLERS),
+        help="the sampler that draws the sample grids: DDPM, DDIM or DPM-Solver++")
     add("--ddpm_num_inference_steps", type=int, default=None,
-        help="denoising steps for sample grids (with --sampler ddim, 50 unless given)")
+        help="denoising steps for sample grids (with --sampler ddim 50, dpm 20, unless given)")
 
     add = p.add_argument_group("logging and Hub").add_argument
     add("--logging_dir", default="logs", help="log folder, inside output_dir")
@@ -160,8 +162,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.model_config = dict(PRESETS[preset_name]["model"])
     args.use_ema = bool(args.use_ema)
     args.random_flip = bool(args.random_flip)
-    if args.sampler == "ddim" and given.ddpm_num_inference_steps is None:
-        args.ddpm_num_inference_steps = min(50, args.ddpm_num_steps)  # DDIMPipeline's default, not the preset's 1000
+    if args.sampler != "ddpm" and given.ddpm_num_inference_steps is None:  # the sampler's default, not the preset's
+        args.ddpm_num_inference_steps = min(DEFAULT_STEPS[args.sampler], args.ddpm_num_steps)
 
     def positive(name):
         if getattr(args, name) is not None and getattr(args, name) < 1:
