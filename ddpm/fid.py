@@ -282,7 +282,9 @@ def cache_path(cache_dir: str | Path, provenance: dict) -> Path:
     """The cache file of a reference set: named by what identifies it, less the fingerprint (a changed dataset
     overwrites its file rather than adding one)."""
     key = json.dumps({k: v for k, v in provenance.items() if k != "fingerprint"}, sort_keys=True)
-    slug = "".join(c if c.isalnum() else "-" for c in Path(str(provenance["data"]).split()[-1]).name)[:40]
+    data = str(provenance["data"])
+    name = Path(data.split()[-1]).name if "/" in data else data  # a path's last part, else the whole name
+    slug = "".join(c if c.isalnum() else "-" for c in name)[:40]
     return Path(cache_dir) / f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
 
 
