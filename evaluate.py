@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--resize", choices=RESIZES, default=RESIZES[0],
         help="fid: how images reach 299 x 299: legacy_tensorflow (TF1 bilinear, the papers' code), clean "
              "(clean-fid's PIL bicubic) or legacy_pytorch (pytorch-fid's bilinear) (default: legacy_tensorflow)")
-    add("--fid_cache", default=None, help=f"fid: where reference statistics are cached (default: {default_cache_dir()})")
+    add("--fid_cache", default=None,
+        help=f"fid: where reference statistics are cached (default: {default_cache_dir()})")
     add("--num_workers", type=int, default=0, help="fid: processes that read and resize images (default: 0)")
     add("--output_json", default=None, help="write the figures to this JSON file")
     add("--plot", default=None, help="draw the bits per timestep into this image file (needs matplotlib)")

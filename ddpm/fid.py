@@ -319,7 +319,8 @@ def reference_statistics(images: ReferenceImages, network: Inception, resize_mod
         return cached if ctx.is_main else None
     share = range(ctx.rank * len(images) // ctx.world_size, (ctx.rank + 1) * len(images) // ctx.world_size)
     features = features_of_dataset(images, share, network, resize_mode, batch_size, num_workers,
-                                   progress=progress and ctx.is_main, desc=f"features of {len(images)} reference images")
+                                   progress=progress and ctx.is_main,
+                                   desc=f"features of {len(images)} reference images")
     gathered = distributed.gather_to_main(ctx, features)
     if not ctx.is_main:
         return None

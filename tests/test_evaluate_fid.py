@@ -144,7 +144,8 @@ def samples_as_sample_py_draws_them(model: Path, count: int, batch_size: int, fo
 
 
 def test_a_models_fid_is_the_fid_of_its_samples_drawn_as_sample_py_draws_them(setup, capsys):
-    (setup["model"] / "README.md").write_text("# model\n\nA DDPM UNet at 8x8, trained on shapes; step 1,200 of 5,000.\n")
+    card = "# model\n\nA DDPM UNet at 8x8, trained on shapes; step 1,200 of 5,000.\n"  # as train.py writes it
+    (setup["model"] / "README.md").write_text(card)
     figures, out = run(setup, [str(setup["model"]), "--metric", "fid", "--reference", str(setup["B"]), "--num_images",
                                "6", "--batch_size", "4", "--num_inference_steps", str(STEPS), "--seed", str(SEED)],
                        capsys)
@@ -193,7 +194,8 @@ def npz_of_another_resize(tmp: Path) -> str:
 
 
 BAD_INPUTS = {
-    "images_without_reference": lambda s: (["--metric", "fid", "--images", str(s["A"])], "--images A needs --reference"),
+    "images_without_reference": lambda s: (["--metric", "fid", "--images", str(s["A"])],
+                                           "--images A needs --reference"),
     "images_with_a_model": lambda s: ([str(s["model"]), "--metric", "fid", "--images", str(s["A"]), "--reference",
                                        str(s["B"])], "it takes no MODEL_DIR"),
     "no_reference": lambda s: ([str(s["model"]), "--metric", "fid"], "--metric fid needs a reference"),
@@ -207,7 +209,8 @@ BAD_INPUTS = {
                              "at least 2 for fid"),
     "no_model": lambda s: (["--metric", "fid", "--builtin_data"], "MODEL_DIR is missing"),
     "npz_of_another_resize": lambda s: (["--metric", "fid", "--images", str(s["A"]), "--reference",
-                                         npz_of_another_resize(s["tmp"])], "compare only within one network and resize"),
+                                         npz_of_another_resize(s["tmp"])],
+                                        "compare only within one network and resize"),
     "npz_without_statistics": lambda s: (["--metric", "fid", "--images", str(s["A"]), "--reference",
                                           str(np.savez(s["tmp"] / "empty.npz", x=0) or s["tmp"] / "empty.npz")],
                                          "has no mu and sigma"),

@@ -8,7 +8,6 @@ module with the Inception's interface (tests/fid_helpers.py), so nothing here ne
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from ddpm.data import DataError
