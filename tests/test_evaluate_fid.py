@@ -172,6 +172,24 @@ def test_a_models_fid_against_its_data_uses_the_training_images_at_its_resolutio
     assert "from the cache" in out and second["fid"] == first["fid"]
 
 
+def test_a_grey_models_fid_uses_the_train_split_of_an_idx_folder_repeated_to_three_channels(setup, capsys):
+    from test_idx import random_images, write_idx
+    train, test = random_images(9, size=8, seed=1), random_images(4, size=8, seed=2)
+    write_idx(setup["tmp"] / "idx" / "train-images-idx3-ubyte.gz", train, gz=True)
+    write_idx(setup["tmp"] / "idx" / "t10k-images-idx3-ubyte.gz", test, gz=True)
+    torch.manual_seed(0)
+    grey = dict(TINY_UNET, in_channels=1, out_channels=1)
+    save_pipeline(setup["tmp"] / "grey", perturb_(UNet2DModel(**grey)).eval(), DDPMScheduler(num_train_timesteps=T))
+    figures, _ = run(setup, [str(setup["tmp"] / "grey"), "--metric", "fid", "--train_data_dir", str(setup["tmp"] / "idx"),
+                             "--num_images", "3", "--num_inference_steps", str(STEPS)], capsys)
+    assert (figures["reference"]["split"], figures["reference"]["channels"], figures["num_reference"]) == ("train", 1, 9)
+    network = torch.jit.load(setup["net"])
+    pixels = torch.from_numpy(train)[:, None].repeat(1, 3, 1, 1)  # each grey pixel in all three channels
+    expected = network((resize(pixels, "legacy_tensorflow") - 128) / 128).detach().double().numpy().mean(axis=0)
+    with np.load(figures["reference"]["path"]) as f:
+        np.testing.assert_allclose(f["mu"], expected, rtol=1e-5, atol=1e-7)
+
+
 def test_two_processes_give_the_figures_of_one(setup, capsys):
     argv = [str(setup["model"]), "--metric", "fid", "--reference", str(setup["B"]), "--num_images", "5",
             "--batch_size", "2", "--num_inference_steps", str(STEPS), "--seed", str(SEED)]
