@@ -180,8 +180,9 @@ def test_a_grey_models_fid_uses_the_train_split_of_an_idx_folder_repeated_to_thr
     torch.manual_seed(0)
     grey = dict(TINY_UNET, in_channels=1, out_channels=1)
     save_pipeline(setup["tmp"] / "grey", perturb_(UNet2DModel(**grey)).eval(), DDPMScheduler(num_train_timesteps=T))
-    figures, _ = run(setup, [str(setup["tmp"] / "grey"), "--metric", "fid", "--train_data_dir",
-                             str(setup["tmp"] / "idx"), "--num_images", "3", "--num_inference_steps", str(STEPS)], capsys)
+    argv = [str(setup["tmp"] / "grey"), "--metric", "fid", "--train_data_dir", str(setup["tmp"] / "idx"),
+            "--num_images", "3", "--num_inference_steps", str(STEPS)]
+    figures, _ = run(setup, argv, capsys)
     reference = figures["reference"]
     assert (reference["split"], reference["channels"], figures["num_reference"]) == ("train", 1, 9)
     network = torch.jit.load(setup["net"])
