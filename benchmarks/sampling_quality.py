@@ -6,9 +6,12 @@ $ OMP_NUM_THREADS=1 nice -n 15 python benchmarks/sampling_quality.py /work/trial
 
 Every setting draws its N samples from the same noise seed, in batches of --batch_size, with generate (so the
 deterministic samplers start from the same x_T). A setting is a sampler (ddpm, ddim, dpm: ddpm.sampling.SAMPLERS)
-built from the folder's scheduler config as diffusers' from_config builds it, with a timestep_spacing on top or
-the folder's own ("folder"). The time is the wall time of sampling alone, the score's fit excluded. Results go to
---output_json after each setting; a run started again skips the settings already there.
+built from the folder's scheduler config as diffusers' from_config builds it, options on top (--spacings gives
+each fast sampler a timestep_spacing, or the folder's own: "folder"), and a step count. --extra adds settings,
+SAMPLER/STEPS,STEPS/KEY=VALUE,KEY=VALUE (values read as JSON where they parse: true, 3), e.g.
+dpm/10,20/timestep_spacing=trailing,algorithm_type=sde-dpmsolver++. The time is the wall time of sampling alone,
+the score's fit excluded. Results go to --output_json after each setting; a run started again skips the settings
+already there.
 """
 
 import argparse
@@ -34,6 +37,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--spacings", nargs="+", default=["folder", "trailing"],
                         help="timestep_spacing of ddim and dpm: 'folder' (the config's own), linspace, leading or "
                              "trailing (default: %(default)s)")
+    parser.add_argument("--extra", nargs="*", default=[],
+                        help="more settings, SAMPLER/STEPS,STEPS/KEY=VALUE,KEY=VALUE (default: none)")
     parser.add_argument("--seed", type=int, default=1, help="noise seed of every setting (default: %(default)s)")
     parser.add_argument("--batch_size", type=int, default=256, help="images per forward pass (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
@@ -42,31 +47,50 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def settings(args: argparse.Namespace) -> list[tuple[str, str, int]]:
-    """(sampler, spacing, steps) of every measurement, the reference first."""
-    reference = [("ddpm", "folder", steps) for steps in args.reference_steps]
-    fast = [(sampler, spacing, steps) for spacing in args.spacings for sampler in ("ddim", "dpm")
-            for steps in args.steps]
-    return reference + fast
+def parse_value(text: str):
+    """A --extra option's value: JSON where it parses (true, 3, 0.5), else the string itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
-def measure(unet, config: dict, sampler: str, spacing: str, steps: int, args: argparse.Namespace) -> dict:
+def settings(args: argparse.Namespace) -> list[tuple[str, int, dict]]:
+    """(sampler, steps, scheduler options) of every measurement, the reference first."""
+    reference = [("ddpm", steps, {}) for steps in args.reference_steps]
+    fast = [(sampler, steps, {} if spacing == "folder" else {"timestep_spacing": spacing})
+            for spacing in args.spacings for sampler in ("ddim", "dpm") for steps in args.steps]
+    extra = []
+    for text in args.extra:
+        sampler, steps, options = (text.split("/") + [""])[:3]
+        pairs = [item.split("=", 1) for item in options.split(",") if item]
+        extra += [(sampler, int(n), {key: parse_value(value) for key, value in pairs}) for n in steps.split(",")]
+    return reference + fast + extra
+
+
+def label(sampler: str, options: dict) -> str:
+    """A setting's name in the table and the plot, its step count aside."""
+    name = {"ddpm": "DDPM", "ddim": "DDIM", "dpm": "DPM-Solver++"}[sampler]
+    return ", ".join([name] + [f"{key}={value}" for key, value in sorted(options.items())])
+
+
+def measure(unet, config: dict, sampler: str, steps: int, options: dict, args: argparse.Namespace) -> dict:
     """Draw the samples of one setting, time it, and score them."""
-    overrides = {} if spacing == "folder" else {"timestep_spacing": spacing}
-    scheduler = sampling_scheduler(sampler, {**config, **overrides})
+    scheduler = sampling_scheduler(sampler, {**config, **options})
     start = time.perf_counter()
     images = generate_in_batches(unet, scheduler, args.num_images, torch.Generator().manual_seed(args.seed), steps,
                                  args.batch_size)
     seconds = time.perf_counter() - start
     result = shapes_score(images)
-    return {"sampler": sampler, "spacing": scheduler.config["timestep_spacing"], "spacing_given": spacing,
-            "steps": steps, "seconds": seconds, "valid_fraction": result.valid_fraction,
-            "classes_covered": result.classes_covered, "tv_to_uniform": result.tv_to_uniform,
-            "median_rmse": result.median_rmse, "num_images": result.num_images, "summary": str(result)}
+    return {"sampler": sampler, "options": options, "label": label(sampler, options),
+            "spacing": scheduler.config["timestep_spacing"], "steps": steps, "seconds": seconds,
+            "valid_fraction": result.valid_fraction, "classes_covered": result.classes_covered,
+            "tv_to_uniform": result.tv_to_uniform, "median_rmse": result.median_rmse,
+            "num_images": result.num_images, "summary": str(result)}
 
 
 def plot(results: list[dict], path: str) -> None:
-    """Valid fraction and TV to uniform against steps, one line per (sampler, spacing), DDPM's full chain dashed."""
+    """Valid fraction and TV to uniform against steps, one line per setting, the first (DDPM's full chain) dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,17 +98,15 @@ def plot(results: list[dict], path: str) -> None:
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
     reference = results[0]
-    lines = sorted({(r["sampler"], r["spacing_given"]) for r in results if r["sampler"] != "ddpm"})
+    lines = list(dict.fromkeys(r["label"] for r in results[1:]))
     for axis, key, label in [(axes[0], "valid_fraction", "valid fraction"), (axes[1], "tv_to_uniform",
                                                                              "TV to uniform (lower is better)")]:
-        for sampler, spacing in lines:
-            points = sorted((r["steps"], r[key]) for r in results
-                            if (r["sampler"], r["spacing_given"]) == (sampler, spacing))
-            name = {"ddim": "DDIM", "dpm": "DPM-Solver++"}[sampler]
-            axis.plot(*zip(*points), marker="o", label=f"{name}, {spacing} spacing")
+        for name in lines:
+            points = sorted((r["steps"], r[key]) for r in results[1:] if r["label"] == name)
+            axis.plot(*zip(*points), marker="o", label=name)
         axis.axhline(reference[key], color="black", linestyle="--", label=f"DDPM, {reference['steps']} steps")
         axis.set(xscale="log", xlabel="denoising steps (UNet evaluations)", ylabel=label)
-        steps = sorted({r["steps"] for r in results if r["sampler"] != "ddpm"})
+        steps = sorted({r["steps"] for r in results[1:]})
         axis.set_xticks(steps, [str(n) for n in steps])
         axis.minorticks_off()
         axis.grid(alpha=0.3)
@@ -103,20 +125,20 @@ def main() -> None:
     config = dict(scheduler.config)
     output = Path(args.output_json)
     results = json.loads(output.read_text()) if output.exists() else []
-    done = {(r["sampler"], r["spacing_given"], r["steps"]) for r in results}
-    for sampler, spacing, steps in settings(args):
-        if (sampler, spacing, steps) in done:
+    done = {(r["label"], r["steps"]) for r in results}
+    for sampler, steps, options in settings(args):
+        if (label(sampler, options), steps) in done:
             continue
-        result = measure(unet, config, sampler, spacing, steps, args)
+        result = measure(unet, config, sampler, steps, options, args)
         results.append(result)
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"{sampler} {result['spacing']} {steps} steps: {result['summary']}, sampling {result['seconds']:.1f} s",
-              flush=True)
+        print(f"{result['label']} ({result['spacing']} spacing), {steps} steps: {result['summary']}, sampling "
+              f"{result['seconds']:.1f} s", flush=True)
     print("| sampler | spacing | steps | valid fraction | TV to uniform | median RMSE | sampling time (s) |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['sampler']} | {r['spacing']} | {r['steps']} | {r['valid_fraction']:.3f} | "
+        print(f"| {r['label']} | {r['spacing']} | {r['steps']} | {r['valid_fraction']:.3f} | "
               f"{r['tv_to_uniform']:.3f} | {r['median_rmse']:.1f} | {r['seconds']:.1f} |")
     if args.plot:
         plot(results, args.plot)
