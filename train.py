@@ -34,11 +34,13 @@ from tqdm.auto import tqdm
 from ddpm import DDPMScheduler, UNet2DModel
 from ddpm import distributed, hub, training_state
 from ddpm.checkpoint import CheckpointError, mark_outputs_written, set_aside_checkpoints_after
+from ddpm.class_conditional import ConditionalRunEvaluation
 from ddpm.cuda_graph_step import CudaGraphStep, on_side_stream, recording_stream
 from ddpm.data import CACHE_BYTES, DataError, EpochSampler, TrainingImages, load_images
 from ddpm.device_data import DeviceDataUnavailable, DeviceImages
 from ddpm.ema import EMA
 from ddpm.files import WriteError
+from ddpm.guidance import drop_class_labels, null_label
 from ddpm.loggers import LoggerError, make_logger
 from ddpm.loss import draw_noise_and_timesteps
 from ddpm.lr_schedule import learning_rate, set_learning_rate
@@ -47,9 +49,9 @@ from ddpm.run_evaluation import RunEvaluation
 from ddpm.run_outputs import RunOutputs, outputs_due, pipeline_missing
 from ddpm.sampling import sampling_scheduler
 from ddpm.time_budget import NOT_YET_FITTED, TimeBudget
-from ddpm.train_args import parse_args
+from ddpm.train_args import parse_args, with_class_embedding
 from ddpm.train_step import EagerStep, TrainingDiverged
-from ddpm.training_state import EpochBatches, RunState, Training, rank_seed
+from ddpm.training_state import EpochBatches, RunState, Training, rank_seed, seed_global_rngs
 
 
 def log_main(ctx, message: str) -> None:
@@ -69,15 +71,18 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 
 def training_data(args, ctx, channels: int):
-    """The images (source, dataset), this rank's sampler of each epoch's order, and the loader of batches."""
+    """The images (source, dataset), this rank's sampler of each epoch's order, and the loader of
+    batches; with --class_conditional, labelled, and the UNet config given the data's classes."""
     check_preset_data(args.preset, args.train_data_dir)
     source = load_images(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir,
-                         args.resolution, args.seed)
+                         args.resolution, args.seed, label_column=args.label_column)
     if len(source) == 0:
         raise DataError(f"the dataset holds no images ({source.description})")
     dataset = TrainingImages(source, args.resolution, channels, args.center_crop, args.random_flip,
                              cache_bytes=CACHE_BYTES if args.cache_images else 0, progress=ctx.is_main,
-                             report=ctx.is_main)
+                             report=ctx.is_main, with_labels=args.class_conditional)
+    if args.class_conditional:
+        args.model_config = with_class_embedding(args.model_config, dataset.class_names)
     sampler = EpochSampler(len(dataset), args.seed, ctx.rank, ctx.world_size)
     if len(sampler) < args.train_batch_size:
         raise DataError(f"each process gets {len(sampler)} images per epoch, fewer than --train_batch_size "
@@ -279,7 +284,7 @@ def main(argv=None) -> None:
     # noise and timesteps come from a generator of their own, different on each rank
     noise_generator = torch.Generator(device).manual_seed(rank_seed("noise", args.seed, ctx.rank))
     # after the (identical) initialisation, dropout draws from the global RNG, seeded per rank too
-    torch.manual_seed(rank_seed("dropout", args.seed, ctx.rank))
+    seed_global_rngs(args.seed, ctx.rank)
     training = Training(unet, optimizer, scaler, ema, noise_generator)
 
     # Resume
@@ -296,13 +301,14 @@ def main(argv=None) -> None:
     # Logging, evaluation and outputs (rank 0 writes everything but the checkpoints' RNG states)
     try:
         logger = make_logger(args, run_config, resumed=resume_path is not None) if ctx.is_main else None
-        evaluation = RunEvaluation(args, source, channels, scheduler, device, logger) if ctx.is_main else None
+        evaluation = (ConditionalRunEvaluation if args.class_conditional else RunEvaluation)(
+            args, source, channels, scheduler, device, logger) if ctx.is_main else None
     except (LoggerError, DataError, ValueError) as error:  # ValueError: a bound that cannot be computed
         fail(str(error))
     log_main(ctx, start_line(args, ctx, source, dataset, loader, unet, run, budget, steps_per_epoch))
     grid_scheduler = sampling_scheduler(args.sampler, scheduler.config)
     outputs = RunOutputs(args, output_dir, scheduler, grid_scheduler, logger, evaluation, hub_repo,
-                         source.description, ctx.world_size) if ctx.is_main else None
+                         source.description, ctx.world_size, dataset.class_names) if ctx.is_main else None
 
     # Training loop: one iteration per optimizer step
     if args.cuda_graph:  # the same step (clip, AdamW, EMA included), replayed from a CUDA graph
@@ -332,9 +338,11 @@ def main(argv=None) -> None:
             set_learning_rate(optimizer, current_lr())
             # Algorithm 1: x_0 ~ q(x_0) (line 2), eps and t (lines 3-4), a gradient step on L_simple (line 5)
             for _ in range(args.gradient_accumulation_steps):
-                x0 = batches.next()
+                x0, labels = batches.next()  # labels: None unless --class_conditional
                 noise, timesteps = draw_noise_and_timesteps(x0, args.ddpm_num_steps, noise_generator)
-                train_step.accumulate(x0, noise, timesteps)
+                if labels is not None:  # Ho & Salimans 2022, Algorithm 1, line 3: c <- null with prob. p
+                    labels = drop_class_labels(labels, null_label(unet), args.class_dropout, noise_generator)
+                train_step.accumulate(x0, noise, timesteps, labels)
             updated = train_step.update(run.step + 1)  # clip, AdamW, EMA; False: an fp16 overflow skipped it
             run.step += 1
             run.lr_step += updated  # the LR schedule counts the updates, not the skipped steps

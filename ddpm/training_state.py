@@ -8,6 +8,7 @@ from argparse import Namespace
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -24,6 +25,14 @@ def rank_seed(purpose: str, seed: int, rank: int) -> int:
     return random.Random(f"{purpose}/{seed}/{rank}").getrandbits(63)
 
 
+def seed_global_rngs(seed: int, rank: int) -> None:
+    """torch's global RNG (dropout draws from it), and Python's and numpy's, which nothing in training draws from
+    but a checkpoint keeps: seeded, so that the same command writes the same checkpoints."""
+    torch.manual_seed(rank_seed("dropout", seed, rank))
+    random.seed(rank_seed("python", seed, rank))
+    np.random.seed(rank_seed("numpy", seed, rank) % 2**32)
+
+
 @dataclasses.dataclass
 class RunState:
     """Where a run stands after `step` optimizer steps; a checkpoint's state.json holds these fields."""
@@ -36,6 +45,7 @@ class RunState:
     lr_step: int = 0  # the updates the LR schedule has counted: not the skipped ones; `step` again after a refit
     lr_anchor: tuple[int, float] | None = None  # where the LR decay stood at the budget's last refit (lr_schedule)
     logged_loss: float | None = None  # the latest logged mean loss (the model card shows it)
+    loss_window: list | None = None  # [sum, steps] of the losses since that log: a resumed run logs the same means
     # the grid and pipeline due at `step` (run_outputs.outputs_due); on resume, those a kill or a stop left unwritten
     outputs_due: dict | None = None
 
@@ -54,7 +64,7 @@ class Training:
 
 class EpochBatches:
     """The run's micro-batches epoch after epoch, each epoch reshuffled by the sampler, from `run`'s position,
-    which it advances."""
+    which it advances; each with its class labels where the loader gives them (class-conditional training)."""
 
     def __init__(self, loader: DataLoader, sampler: EpochSampler, batch_size: int, run: RunState,
                  device: torch.device, memory_format: torch.memory_format):
@@ -64,8 +74,9 @@ class EpochBatches:
         self.iterator = None
         self.completed = self.epochs_completed()
 
-    def next(self) -> torch.Tensor:
-        """The next micro-batch: Algorithm 1, line 2, x_0 ~ q(x_0)."""
+    def next(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The next micro-batch and its class labels (None without): Algorithm 1, line 2, x_0 ~ q(x_0), or
+        (x_0, c) ~ q(x_0, c) (Ho & Salimans 2022, Algorithm 1, line 2)."""
         run = self.run
         if run.epoch_batches >= self.per_epoch:
             run.epoch, run.epoch_batches = run.epoch + 1, 0
@@ -74,7 +85,10 @@ class EpochBatches:
             self.sampler.set_epoch(run.epoch, start=run.epoch_batches * self.batch_size)
             self.iterator = iter(self.loader)
         run.epoch_batches += 1
-        return next(self.iterator).to(self.device, non_blocking=True, memory_format=self.memory_format)
+        batch = next(self.iterator)
+        images, labels = batch if isinstance(batch, (tuple, list)) else (batch, None)
+        images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+        return images, None if labels is None else labels.to(self.device, non_blocking=True)
 
     def epochs_completed(self) -> int:
         """Epochs whose last batch has been drawn (known at once from a checkpoint at an epoch's end)."""
@@ -114,13 +128,18 @@ def resume(path: Path, ctx: distributed.Context, args: Namespace, dataset_size: 
             if state[name] != now:
                 raise CheckpointError(f"it was written with {name} {state[name]}, this run has {now}; resume with "
                                       "the same seed, data and batch size")
+        conditional = bool(state.get("args", {}).get("class_conditional"))
+        if conditional != args.class_conditional:
+            raise CheckpointError(f"it was written {'with' if conditional else 'without'} --class_conditional, "
+                                  f"this run is {'' if args.class_conditional else 'un'}conditional; resume as it was "
+                                  "written")
         if training.ema is not None and checkpoint["ema"] is None:
             raise CheckpointError("--use_ema is on but it holds no EMA weights")
         resumed = dataclasses.replace(run, step=state["step"], epoch=state["epoch"],
                                       epoch_batches=state["epoch_batches"], skipped_steps=state["skipped_steps"],
                                       lr_step=state["lr_step"] if "lr_step" in state
                                       else state["lr_scheduler"]["last_epoch"],  # (checkpoints before lr_step)
-                                      logged_loss=state.get("logged_loss"),
+                                      logged_loss=state.get("logged_loss"), loss_window=state.get("loss_window"),
                                       outputs_due=None if outputs_written(path) else state.get("outputs_due"))
         if budget is not None:
             fitted = state.get("steps_fitted_to_budget")

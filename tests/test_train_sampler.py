@@ -26,12 +26,17 @@ def test_ddim_grids_take_50_steps_unless_steps_are_given(flags, steps):
     assert train.parse_args(flags).ddpm_num_inference_steps == steps
 
 
-def test_a_ddim_grid_holds_ddim_pipelines_images_of_the_saved_weights(tmp_path):
+def train_with_grids_by(sampler: str, tmp_path) -> None:
+    """2 steps of a tiny UNet into tmp_path/out, its final grid of 2 images drawn by `sampler` with seed 4."""
     config = tmp_path / "unet.json"
     config.write_text(json.dumps(TINY_UNET))
     train.main(["--model_config_name_or_path", str(config), "--output_dir", str(tmp_path / "out"),
                 "--resolution", "8", "--train_batch_size", "4", "--eval_batch_size", "2", "--max_train_steps", "2",
-                "--lr_warmup_steps", "1", "--device", "cpu", "--no-use_ema", "--sampler", "ddim", "--seed", "4"])
+                "--lr_warmup_steps", "1", "--device", "cpu", "--no-use_ema", "--sampler", sampler, "--seed", "4"])
+
+
+def test_a_ddim_grid_holds_ddim_pipelines_images_of_the_saved_weights(tmp_path):
+    train_with_grids_by("ddim", tmp_path)
     pipeline = diffusers.DDIMPipeline.from_pretrained(tmp_path / "out")
     pipeline.set_progress_bar_config(disable=True)
     images = pipeline(2, generator=torch.manual_seed(4), output_type="pt").images  # 50 steps
@@ -42,11 +47,7 @@ def test_a_ddim_grid_holds_ddim_pipelines_images_of_the_saved_weights(tmp_path):
 
 
 def test_a_dpm_grid_holds_the_images_of_ddpm_pipeline_with_diffusers_dpm_solver(tmp_path):
-    config = tmp_path / "unet.json"
-    config.write_text(json.dumps(TINY_UNET))
-    train.main(["--model_config_name_or_path", str(config), "--output_dir", str(tmp_path / "out"),
-                "--resolution", "8", "--train_batch_size", "4", "--eval_batch_size", "2", "--max_train_steps", "2",
-                "--lr_warmup_steps", "1", "--device", "cpu", "--no-use_ema", "--sampler", "dpm", "--seed", "4"])
+    train_with_grids_by("dpm", tmp_path)
     pipeline = diffusers.DDPMPipeline.from_pretrained(tmp_path / "out")
     pipeline.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
