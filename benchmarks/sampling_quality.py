@@ -96,7 +96,7 @@ def plot(results: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+    figure, axes = plt.subplots(1, 2, figsize=(11, 6), layout="constrained")
     reference = results[0]
     lines = list(dict.fromkeys(r["label"] for r in results[1:]))
     for axis, key, label in [(axes[0], "valid_fraction", "valid fraction"), (axes[1], "tv_to_uniform",
@@ -110,7 +110,7 @@ def plot(results: list[dict], path: str) -> None:
         axis.set_xticks(steps, [str(n) for n in steps])
         axis.minorticks_off()
         axis.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    figure.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize=8)
     figure.suptitle(f"shapes score of {reference['num_images']} samples against steps")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
