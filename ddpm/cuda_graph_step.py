@@ -7,7 +7,7 @@ A graph replays the kernels it recorded, on the same memory, with no Python in b
 from step to step lives in device tensors that the graph reads, filled before each replay:
 
     the batch, eps and t        static buffers, copied into (eps and t are still drawn by train.py's generator,
-                                so the noise, and exact resume, are as without a graph)
+    (and the class labels)      so the noise, and exact resume, are as without a graph)
     the learning rate           a 0-dim tensor in AdamW's param group while it records (capturable, fused AdamW);
                                 train.py keeps writing floats to the group, copied into the tensor before a replay
     the EMA's 1 - decay         a 0-dim tensor (EMA.move_towards)
@@ -39,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .ema import EMA
 from .loss import diffusion_loss
 from .scheduler import DDPMScheduler
+from .train_step import labels_argument
 
 WARMUP_STEPS = 3  # eager steps before the capture (PyTorch's CUDA graphs notes warm up with 3)
 # under DDP, one more than the notes' "at least 11 DDP-enabled eager iterations": DDP's reducer times its iterations
@@ -85,6 +86,7 @@ class CudaGraphStep:
         self.learning_rates = [torch.tensor(group["lr"], device=self.device) for group in optimizer.param_groups]
         self.one_minus_decay = torch.zeros((), device=self.device)
         self.x0 = self.noise = self.timesteps = None  # the static inputs, allocated at the first call
+        self.class_labels = None  # a class-conditional model's too
         self.grad_norm: torch.Tensor | None = None  # set by each step; after the capture, the graph's output
         self.calls = 0
         self.warmup_steps = DDP_WARMUP_STEPS if isinstance(model, DistributedDataParallel) else WARMUP_STEPS
@@ -92,14 +94,20 @@ class CudaGraphStep:
         self.capture = self.device.type == "cuda"
         self.stream = stream or recording_stream(self.device)  # warm-up and recording, off the default stream
 
-    def accumulate(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> None:
-        """The step's one micro-batch, copied into the graph's inputs."""
+    def accumulate(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                   class_labels: torch.Tensor | None = None) -> None:
+        """The step's one micro-batch (and its class labels, if any), copied into the graph's inputs."""
         if self.x0 is None:
             self.x0, self.noise, self.timesteps = (torch.empty_like(x0), torch.empty_like(noise),
                                                    torch.empty_like(timesteps))
+            self.class_labels = None if class_labels is None else torch.empty_like(class_labels)
+        if (class_labels is None) != (self.class_labels is None):
+            raise ValueError("CudaGraphStep: every micro-batch comes with class labels, or none does")
         self.x0.copy_(x0)
         self.noise.copy_(noise)
         self.timesteps.copy_(timesteps)
+        if class_labels is not None:
+            self.class_labels.copy_(class_labels)
 
     def update(self, step: int) -> bool:
         """The whole step on the micro-batch given: eager during the warm-up, recorded at the next call, replayed
@@ -139,7 +147,8 @@ class CudaGraphStep:
     def _step(self) -> None:
         """Algorithm 1, lines 3-5, and the update: what the graph records."""
         with self.autocast:
-            loss = diffusion_loss(self.model, self.scheduler, self.x0, self.noise, self.timesteps, self.snr_gamma)
+            loss = diffusion_loss(self.model, self.scheduler, self.x0, self.noise, self.timesteps, self.snr_gamma,
+                                  **labels_argument(self.class_labels))
         loss.backward()
         self.loss_sum.add_(loss.detach())
         self.nonfinite.logical_or_(~torch.isfinite(loss.detach()))

@@ -1,5 +1,5 @@
-"""The training objective: DDPM Algorithm 1 and L_simple (Eq. 14), with the x_0 and v targets, and the
-optional min-SNR-gamma weighting of Hang et al. 2023."""
+"""The training objective: DDPM Algorithm 1 and L_simple (Eq. 14), with the x_0 and v targets, the optional
+min-SNR-gamma weighting of Hang et al. 2023, and class labels for classifier-free guidance (Ho & Salimans 2022)."""
 
 import torch
 import torch.nn.functional as F
@@ -49,13 +49,14 @@ def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, snr_gamma
 
 
 def diffusion_loss(unet: nn.Module, scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor,
-                   timesteps: torch.Tensor, snr_gamma: float | None = None) -> torch.Tensor:
+                   timesteps: torch.Tensor, snr_gamma: float | None = None,
+                   class_labels: torch.Tensor | None = None) -> torch.Tensor:
     """Algorithm 1, line 5's objective, for a batch x0 with the eps and t of draw_noise_and_timesteps:
     L_simple = || eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t) ||^2   (Eq. 14),
-    averaged over pixels and batch; with snr_gamma, each image's error is weighted by min_snr_weights first.
-    The MSE is taken in fp32 even under autocast."""
+    averaged over pixels and batch; with snr_gamma, each image's error is weighted by min_snr_weights first;
+    with class_labels, eps_theta(x_t, t, c) (Ho & Salimans 2022, Algorithm 1). The MSE is in fp32 under autocast."""
     x_t = scheduler.add_noise(x0, noise, timesteps)  # Eq. 4: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps
-    prediction = unet(x_t, timesteps)
+    prediction = unet(x_t, timesteps) if class_labels is None else unet(x_t, timesteps, class_labels)
     target = training_target(scheduler, x0, noise, timesteps)
     if snr_gamma is None:
         return F.mse_loss(prediction.float(), target.float())

@@ -1,5 +1,6 @@
-"""What a training run writes besides its checkpoints (on the main process): the sample grids, the pipeline folder
-with its model card, and with --push_to_hub their upload."""
+"""What a training run writes besides its checkpoints (on the main process): the sample grids (of a class-conditional
+model, a row per class), the pipeline folder with its model card (and class_labels.json), and with --push_to_hub
+their upload."""
 
 import copy
 from argparse import Namespace
@@ -8,6 +9,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
+from .class_conditional import class_grid, generate_for_labels, grid_labels, images_per_class
 from .ema import EMA
 from .files import reported_as_write_error, write_atomically
 from .hub import HubRepo
@@ -52,10 +54,11 @@ class RunOutputs:
 
     def __init__(self, args: Namespace, output_dir: Path, scheduler: DDPMScheduler, grid_scheduler,
                  logger: TensorBoardLogger | WandbLogger, evaluation: RunEvaluation, hub_repo: HubRepo | None,
-                 data_description: str, world_size: int):
+                 data_description: str, world_size: int, class_names: list[str] | None = None):
         self.args, self.output_dir, self.scheduler, self.grid_scheduler = args, output_dir, scheduler, grid_scheduler
         self.logger, self.evaluation, self.hub_repo = logger, evaluation, hub_repo
         self.data_description, self.world_size = data_description, world_size
+        self.class_names = class_names  # a class-conditional model's, label k's at k
 
     def write(self, due: dict, unet: torch.nn.Module, ema: EMA | None, run) -> None:
         """The outputs `due` (outputs_due's) after `run.step` steps (run: training_state.RunState), the final
@@ -69,26 +72,36 @@ class RunOutputs:
             self.save_pipeline(weights, run.step, run.total_steps, run.logged_loss)
 
     def save_samples(self, weights: torch.nn.Module, epoch_number: int, step: int) -> None:
-        """samples/{epoch}.png: a grid drawn with a fixed seed, so that grids compare over the run; logged, and
-        scored on the built-in data."""
-        images = generate(weights, self.grid_scheduler, self.args.eval_batch_size,
-                          torch.Generator().manual_seed(self.args.seed), self.args.ddpm_num_inference_steps,
-                          progress=True)
-        grid = sample_grid(images)
+        """samples/{epoch}.png: a grid drawn with a fixed seed, so that grids compare over the run (of a
+        class-conditional model, a row per class, each as long as a row of the square grid); logged, and scored on
+        the built-in data."""
+        generator, steps = torch.Generator().manual_seed(self.args.seed), self.args.ddpm_num_inference_steps
+        if self.class_names is None:
+            images = generate(weights, self.grid_scheduler, self.args.eval_batch_size, generator, steps, progress=True)
+            grid = sample_grid(images)
+        else:
+            per_class = images_per_class(self.args.eval_batch_size)
+            labels = grid_labels(len(self.class_names), per_class)
+            images = generate_for_labels(weights, self.grid_scheduler, labels, generator, steps,
+                                         self.args.guidance_scale, batch_size=len(labels), progress=True)
+            grid = class_grid(images, per_class)
         (self.output_dir / "samples").mkdir(parents=True, exist_ok=True)
         path = self.output_dir / "samples" / f"{epoch_number:04d}.png"
         with reported_as_write_error(f"samples/{path.name}", self.output_dir):
             write_atomically(path, lambda tmp: save_image(grid, tmp, format="png"))
         self.logger.log_image("samples", grid, step)
-        self.evaluation.score_grid(images, step)
+        if self.class_names is None:
+            self.evaluation.score_grid(images, step)
+        else:
+            self.evaluation.score_class_grid(images, labels, step)
 
     def save_pipeline(self, weights: torch.nn.Module, step: int, total_steps: int, loss: float | None) -> None:
         """The pipeline folder and its model card (with the run's scores), uploaded with --push_to_hub."""
-        save_pipeline(self.output_dir, weights, self.scheduler)
+        save_pipeline(self.output_dir, weights, self.scheduler, self.class_names)
         self.evaluation.estimate_bpd(weights, step)
         with reported_as_write_error("the model card", self.output_dir):
             write_model_card(self.output_dir, self.args, data=self.data_description, world_size=self.world_size,
                              step=step, total_steps=total_steps, loss=loss, evaluation=self.evaluation.figures or None,
-                             repo_id=self.hub_repo.repo_id if self.hub_repo else None)
+                             repo_id=self.hub_repo.repo_id if self.hub_repo else None, class_names=self.class_names)
         if self.hub_repo is not None:
             self.hub_repo.push(step)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ddpm.data import CACHE_BYTES
+from ddpm.data import CACHE_BYTES, DataError
 from ddpm.presets import PRESETS
 from ddpm.sampling import DEFAULT_STEPS, SAMPLERS
 from ddpm.unet import UNet2DModel
@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes per device")
     add("--cache_images", action=argparse.BooleanOptionalAction, default=True,
         help=f"keep the decoded images in memory when they fit in {CACHE_BYTES / 2**30:g} GiB per process")
+    add("--label_column", default="label", help="the Hub dataset's column of class labels (--class_conditional)")
     add("--device_data", action=argparse.BooleanOptionalAction, default=True,
         help="draw the batches from the cached images on the training device, without a DataLoader (needs "
              "--cache_images and no random crops; else one line says why)")
@@ -46,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="what the UNet predicts: eps (the paper's), x_0, or v")
     add("--snr_gamma", type=float, default=None,
         help="min-SNR-gamma loss weighting (Hang et al. 2023); 0 or not given: off, the paper's L_simple")
+    add("--class_conditional", action="store_true",
+        help="learn each image's class too, for classifier-free guidance (Ho & Salimans 2022) when sampling")
+    add("--class_dropout", type=float, default=0.1,
+        help="with --class_conditional, the chance a label is replaced by the null label (the unconditional model)")
     add("--ddpm_num_steps", type=int, default=1000, help="T, the number of diffusion steps")
     add("--ddpm_beta_schedule", default="linear", choices=["linear", "scaled_linear", "squaredcos_cap_v2"],
         help="the betas: linear is the paper's, squaredcos_cap_v2 the cosine schedule of Nichol & Dhariwal")
@@ -101,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--eval_batch_size", type=int, default=None, help="images in each sample grid")
     add("--sampler", default="ddpm", choices=list(SAMPLERS),
         help="the sampler that draws the sample grids: DDPM, DDIM or DPM-Solver++")
+    add("--guidance_scale", type=float, default=1.0,
+        help="with --class_conditional, the classifier-free guidance of the grids and scores (1: none)")
     add("--ddpm_num_inference_steps", type=int, default=None,
         help="denoising steps for sample grids (with --sampler ddim 50, dpm 20, unless given)")
 
@@ -183,6 +190,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "seed"):  # seed -1 draws the built-in shapes that are held out of every run (HELD_OUT_SEED)
         if getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if not 0 <= args.class_dropout <= 1:
+        parser.error(f"--class_dropout must be in [0, 1], got {args.class_dropout}")
     if not (0 <= args.adam_beta1 < 1 and 0 <= args.adam_beta2 < 1 and 0 <= args.ema_max_decay <= 1):
         parser.error(f"--adam_beta1/--adam_beta2 must be in [0, 1) and --ema_max_decay in [0, 1], got "
                      f"{args.adam_beta1}, {args.adam_beta2}, {args.ema_max_decay}")
@@ -220,6 +229,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                          f"with {levels} levels needs")
         args.model_config = config
         UNet2DModel(**config).to("meta")  # validate the config before anything starts
+        if config.get("num_class_embeds") and not args.class_conditional:
+            parser.error(f"the model config has num_class_embeds {config['num_class_embeds']}, a class embedding: "
+                         "train it with --class_conditional, or leave num_class_embeds out")
     except (ValueError, KeyError, TypeError) as error:
         parser.error(f"bad model config: {error}")
     return args
@@ -238,3 +250,16 @@ def read_model_config(parser: argparse.ArgumentParser, name_or_path: str) -> dic
                 parser.error(f"model config {str(candidate)!r} must hold a JSON object, got {type(config).__name__}")
             return {k: v for k, v in config.items() if not k.startswith("_")}
     parser.error(f"--model_config_name_or_path {name_or_path!r}: no such file, nor a folder with config.json")
+
+
+def with_class_embedding(config: dict, class_names: list[str]) -> dict:
+    """The UNet config of a class-conditional run on `class_names`: num_class_embeds = classes + 1, the last
+    label the null label of classifier-free guidance (ddpm/guidance.py). DataError if the config says otherwise."""
+    needed = len(class_names) + 1
+    if config.get("class_embed_type") is not None:
+        raise DataError(f"--class_conditional learns a table of class embeddings; the model config's class_embed_type "
+                        f"{config['class_embed_type']!r} is another kind: leave it out")
+    if config.get("num_class_embeds") not in (None, needed):
+        raise DataError(f"the model config's num_class_embeds {config['num_class_embeds']} does not fit the data's "
+                        f"{len(class_names)} classes (classes + 1 for the null label = {needed}); leave it out")
+    return {**config, "num_class_embeds": needed}

@@ -6,6 +6,8 @@ from a CUDA graph):
     for each micro-batch:  step.accumulate(x0, noise, timesteps)    Algorithm 1, line 5: the gradient
     step.update()                                                   clip, AdamW, EMA
 
+(class-conditional training passes each micro-batch's labels too: accumulate(x0, noise, timesteps, class_labels)).
+
 `loss_sum` and `nonfinite` are device tensors the step adds to, read by the loop only when it logs or saves, so a
 step never waits for the GPU.
 """
@@ -22,6 +24,11 @@ from .scheduler import DDPMScheduler
 
 # fp16: this many skipped steps in a row (the loss scale fell by 2^50) mean the loss itself is NaN, not an overflow
 MAX_SKIPPED_IN_A_ROW = 50
+
+
+def labels_argument(class_labels: torch.Tensor | None) -> dict:
+    """diffusion_loss's class_labels keyword, left out for an unconditional model: its call stays as before."""
+    return {} if class_labels is None else {"class_labels": class_labels}
 
 
 class TrainingDiverged(RuntimeError):
@@ -45,14 +52,16 @@ class EagerStep:
         self.skipped_in_a_row = 0
         self.micro_steps = 0
 
-    def accumulate(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> None:
-        """Add one micro-batch's share of the gradient of the loss (ddpm/loss.py)."""
+    def accumulate(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                   class_labels: torch.Tensor | None = None) -> None:
+        """Add one micro-batch's share of the gradient of the loss (ddpm/loss.py), given its class labels if any."""
         self.micro_steps += 1
         last = self.micro_steps == self.accumulation_steps
         is_ddp = isinstance(self.model, DistributedDataParallel)
         with (nullcontext() if last or not is_ddp else self.model.no_sync()):  # all-reduce on the last one only
             with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                loss = diffusion_loss(self.model, self.scheduler, x0, noise, timesteps, self.snr_gamma)
+                loss = diffusion_loss(self.model, self.scheduler, x0, noise, timesteps, self.snr_gamma,
+                                      **labels_argument(class_labels))
             self.scaler.scale(loss / self.accumulation_steps).backward()
         self.loss_sum += loss.detach() / self.accumulation_steps
         if not self.scaler.is_enabled():  # under fp16 an overflowing loss only makes GradScaler skip the step

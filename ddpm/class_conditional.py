@@ -1,0 +1,118 @@
+"""Sampling and scoring a class-conditional model: which classes a grid or a set of many images asks for, guided
+sampling of given labels in batches (ddpm/guidance.py's GuidedUNet through ddpm/sampling.py's generate), the grid
+with a row per class, and on the built-in shapes the conditional accuracy: the fraction of the samples whose
+fitted class (ddpm/shapes_score.py) is the class asked for."""
+
+import math
+from argparse import Namespace
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torchvision.utils import make_grid
+
+from .guidance import GuidedUNet
+from .run_evaluation import RunEvaluation
+from .sampling import Scheduler, generate
+from .shapes_score import fit, score
+
+
+def images_per_class(num_images: int) -> int:
+    """The images in each class's row of a grid standing for `num_images`: a row of the square grid of that many."""
+    return math.ceil(math.sqrt(num_images))
+
+
+def grid_labels(num_classes: int, per_class: int) -> torch.Tensor:
+    """0, ..., 0, 1, ..., 1, ...: `per_class` images of each class, class by class (a row each in class_grid)."""
+    return torch.arange(num_classes).repeat_interleave(per_class)
+
+
+def balanced_labels(indices: list[int] | range, num_classes: int) -> torch.Tensor:
+    """Image i's class is i mod K: any first N images are balanced over the classes to within one."""
+    return torch.as_tensor(list(indices), dtype=torch.int64) % num_classes
+
+
+def generate_for_labels(unet: nn.Module, scheduler: Scheduler, class_labels: torch.Tensor,
+                        generator: torch.Generator | list[torch.Generator],
+                        num_inference_steps: int | None = None, guidance_scale: float = 1.0, batch_size: int = 64,
+                        eta: float = 0.0, progress: bool = False,
+                        wrap: Callable[[nn.Module], nn.Module] | None = None) -> torch.Tensor:
+    """One image per label, drawn by `generate` in batches of at most `batch_size`, each batch guided towards its
+    labels with scale `guidance_scale` (GuidedUNet); `generator`: one for all, drawn batch after batch, or one per
+    image. `wrap` (e.g. FastUNet) goes around each GuidedUNet. Returns (N, C, H, W) in [0, 1] on the CPU."""
+    if isinstance(generator, list) and len(generator) != len(class_labels):
+        raise ValueError(f"generate_for_labels: {len(generator)} generators for {len(class_labels)} labels; "
+                         "pass one generator, or one per label")
+    images = []
+    for start in range(0, len(class_labels), batch_size):
+        labels = class_labels[start:start + batch_size]
+        model = GuidedUNet(unet, labels, guidance_scale)
+        batch_generator = generator[start:start + len(labels)] if isinstance(generator, list) else generator
+        images.append(generate(wrap(model) if wrap else model, scheduler, len(labels), batch_generator,
+                               num_inference_steps, eta=eta, progress=progress))
+    return torch.cat(images)
+
+
+def class_grid(images: torch.Tensor, per_class: int, min_side: int = 256) -> torch.Tensor:
+    """The images of grid_labels' order as a grid with one row per class (make_grid, 2 px padding), enlarged
+    nearest-neighbour as sampling.sample_grid enlarges, until its short side is at least `min_side` pixels."""
+    grid = make_grid(images, nrow=per_class)
+    factor = math.ceil(min_side / min(grid.shape[1:]))
+    return grid.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2) if factor > 1 else grid
+
+
+def conditional_accuracy(fitted_classes: torch.Tensor, class_labels: torch.Tensor) -> float:
+    """The fraction of samples whose fitted class is the class asked for (valid or not: an invalid sample counts
+    against it only if its best fit is another class)."""
+    return (fitted_classes.cpu() == class_labels.cpu()).float().mean().item()
+
+
+class ConditionalRunEvaluation(RunEvaluation):
+    """RunEvaluation of a class-conditional run (args.model_config with its class embedding): its grid has a row
+    per class, and on the built-in shapes its scores add the conditional accuracy. --score_images samples are
+    balanced over the classes."""
+
+    def __init__(self, args: Namespace, *rest):
+        super().__init__(args, *rest)
+        self.num_classes = args.model_config["num_class_embeds"] - 1  # the last label is the null label
+        self.grid_accuracy: float | None = None  # of the latest grid
+        self.final_accuracy: float | None = None  # of --score_images samples at the end
+
+    def score_class_grid(self, images: torch.Tensor, class_labels: torch.Tensor, step: int) -> None:
+        """The shapes score and conditional accuracy of a grid of samples of `class_labels`."""
+        if not self.scored:
+            return
+        found = fit(images)
+        self.grid_score = score(found.classes, found.rmse)
+        self.log_shapes_score("samples", self.grid_score, step)
+        self.grid_accuracy = conditional_accuracy(found.classes, class_labels)
+        self.logger.log_scalars({"samples/conditional_accuracy": self.grid_accuracy}, step)
+        self.figures["shapes score: valid fraction of the last grid"] = self.grid_score.valid_fraction
+        self.figures["shapes score: conditional accuracy of the last grid"] = self.grid_accuracy
+
+    def score_samples(self, unet: nn.Module, scheduler, step: int) -> None:
+        """With --score_images N on the built-in shapes: N samples, image i of class i mod K, drawn with the
+        grids' guidance scale and other noise than the grids' (seed + 1), in batches of 64; scored as a grid."""
+        if not (self.scored and self.args.score_images):
+            return
+        labels = balanced_labels(range(self.args.score_images), self.num_classes)
+        samples = generate_for_labels(unet, scheduler, labels, torch.Generator().manual_seed(self.args.seed + 1),
+                                      self.args.ddpm_num_inference_steps, self.args.guidance_scale, progress=True)
+        found = fit(samples)
+        self.final_score = score(found.classes, found.rmse)
+        self.final_accuracy = conditional_accuracy(found.classes, labels)
+        self.log_shapes_score("eval", self.final_score, step)
+        self.logger.log_scalars({"eval/conditional_accuracy": self.final_accuracy}, step)
+        for figure in ("valid fraction", "conditional accuracy"):  # the larger sample says more
+            self.figures.pop(f"shapes score: {figure} of the last grid", None)
+        count = self.args.score_images
+        self.figures[f"shapes score: valid fraction of {count} samples"] = self.final_score.valid_fraction
+        self.figures[f"shapes score: conditional accuracy of {count} samples"] = self.final_accuracy
+
+    def summary(self) -> str | None:
+        """RunEvaluation's last line, with the conditional accuracy and the guidance scale."""
+        line = super().summary()
+        accuracy = self.final_accuracy if self.final_accuracy is not None else self.grid_accuracy
+        if line is None or accuracy is None:
+            return line
+        return f"{line}, conditional accuracy {accuracy:.3f} (guidance scale {self.args.guidance_scale:g})"
