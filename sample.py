@@ -5,6 +5,8 @@
     python sample.py output/ --sampler dpm --num_images 16 --output grid.png        # 20 DPM-Solver++ steps
     python sample.py google/ddpm-cifar10-32 --num_images 50000 --batch_size 500 --outdir samples/
     torchrun --standalone --nproc_per_node=8 sample.py output/ --num_images 50000 --batch_size 500 --outdir samples/
+    python sample.py conditional/ --class_label circle-red-white --guidance_scale 2 --output circles.png
+    python sample.py conditional/ --guidance_scale 2 --output classes.png                # a row per class
 
 MODEL_DIR is a DDPMPipeline or DDIMPipeline folder (ours or diffusers') or a Hugging Face Hub repo id.
 
@@ -23,6 +25,13 @@ batched forward pass: a value may rarely differ by 1/255). Under torchrun each p
 Images already in OUTDIR are skipped, so a stopped run continues where it stopped when started again
 (OUTDIR/sample_settings.json records the settings, and a run with others is refused); each PNG is
 written under a temporary name and renamed when complete.
+
+A class-conditional model (train.py --class_conditional; its classes named in class_labels.json) draws images of
+--class_label, guided with --guidance_scale S (Ho & Salimans 2022: eps_uncond + S (eps_cond - eps_uncond), both
+halves in one forward of twice the batch; S = 1 the conditional model alone, one forward). Without --class_label,
+the grid has a row per class, each as long as a row of the square grid of --num_images, and many-images mode gives
+image i the class i mod K: balanced over the classes. The noise is drawn as above, so with --class_label and one
+batch the pixels equal diffusers' UNet2DModel and scheduler run in a loop guided by hand (the model card shows it).
 """
 
 import argparse
@@ -37,10 +46,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from ddpm import PipelineLoadError, distributed, generate, load_pipeline
+from ddpm.class_conditional import (balanced_labels, class_grid, generate_for_labels, grid_labels,
+                                    images_per_class)
 from ddpm.fast_sampling import FastUNet
 from ddpm.files import write_atomically
-from ddpm.pipeline_io import pipeline_folder
-from ddpm.sampling import DEFAULT_STEPS, SAMPLERS, image_generators, sample_grid
+from ddpm.guidance import class_label
+from ddpm.pipeline_io import pipeline_folder, read_class_labels
+from ddpm.sampling import DEFAULT_STEPS, SAMPLERS, image_generators, sample_grid, sampling_scheduler
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("model_dir", metavar="MODEL_DIR", help="DDPMPipeline folder or Hugging Face Hub repo id")
@@ -56,6 +68,12 @@ parser.add_argument("--eta", type=float, default=0.0,
 parser.add_argument("--num_inference_steps", type=int, default=None,
                     help="denoising steps, at most the training timesteps (default: 1000 for ddpm, 50 for ddim, "
                          "20 for dpm)")
+parser.add_argument("--class_label", default=None,
+                    help="a class-conditional model's class, by name (class_labels.json) or number (default: a row per "
+                         "class in a grid, image i of class i mod K in many-images mode)")
+parser.add_argument("--guidance_scale", type=float, default=None,
+                    help="classifier-free guidance of a class-conditional model: 1 the conditional model alone, "
+                         "above 1 more of the class (default: 1)")
 parser.add_argument("--batch_size", type=int, default=None,
                     help="images per forward pass (default: num_images; in many-images mode at most 64)")
 parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
@@ -82,6 +100,7 @@ def error(message: str) -> NoReturn:
 
 many_images = args.outdir is not None and args.output is None
 args.output = args.output or "grid.png"
+batch_size_given = args.batch_size is not None
 if args.batch_size is None:
     args.batch_size = min(args.num_images, 64) if many_images else args.num_images
 if args.num_inference_steps is None:
@@ -97,6 +116,9 @@ if not 0 <= args.eta <= 1:
     parser.error(f"--eta must be in [0, 1], got {args.eta}")
 if args.eta != 0 and args.sampler != "ddim":
     parser.error(f"--eta {args.eta} needs --sampler ddim (DDPM's own noise is DDIM's eta = 1)")
+if args.guidance_scale is not None and args.guidance_scale < 0:
+    parser.error(f"--guidance_scale must be >= 0 (0: the unconditional model, 1: the conditional one), got "
+                 f"{args.guidance_scale}")
 if many_images and args.seed < 0:
     parser.error(f"--seed must be >= 0 in many-images mode, got {args.seed}")
 if args.device == "cuda" and not torch.cuda.is_available():
@@ -113,8 +135,21 @@ if "WORLD_SIZE" in os.environ and not many_images:
 try:
     unet, scheduler = load_pipeline(pipeline_folder(args.model_dir), dtype=torch.float32,
                                     scheduler_class=SAMPLERS[args.sampler])
+    scheduler = sampling_scheduler(args.sampler, scheduler.config)  # with the sampler's options (dpm-sde's)
 except PipelineLoadError as exc:
     error(str(exc))
+conditional = unet.config["num_class_embeds"] is not None and unet.config["class_embed_type"] is None
+if not conditional and (args.class_label is not None or args.guidance_scale is not None):
+    error(f"--{'class_label' if args.class_label is not None else 'guidance_scale'} needs a class-conditional model "
+          f"(train.py --class_conditional); {args.model_dir!r} has no class table")
+if conditional:
+    try:  # named in class_labels.json; a diffusers folder without it: by number
+        class_names = read_class_labels(pipeline_folder(args.model_dir), unet)
+        class_names = class_names or [str(k) for k in range(unet.config["num_class_embeds"] - 1)]
+        label = None if args.class_label is None else class_label(args.class_label, class_names)
+    except (PipelineLoadError, ValueError) as exc:
+        error(str(exc))
+    args.guidance_scale = 1.0 if args.guidance_scale is None else args.guidance_scale
 num_train_timesteps = scheduler.config["num_train_timesteps"]
 if args.num_inference_steps > num_train_timesteps:
     error(f"--num_inference_steps {args.num_inference_steps} exceeds the {num_train_timesteps} "
@@ -126,8 +161,11 @@ if args.compile:
     # the CPU prepacks the convolutions' weights): a denoising forward ran 1.19x eager diffusers' speed
     # on a CPU with it, 0.90x without (docs/benchmarks.md)
     unet = torch.compile(unet, options={"freezing": True})
-if args.bf16 or args.cuda_graph:
-    unet = FastUNet(unet, torch.bfloat16 if args.bf16 else None, cuda_graph=args.cuda_graph)
+# around GuidedUNet for a class-conditional model (one graph for both halves), else around the UNet
+fast = ((lambda model: FastUNet(model, torch.bfloat16 if args.bf16 else None, cuda_graph=args.cuda_graph))
+        if args.bf16 or args.cuda_graph else None)
+if fast is not None and not conditional:
+    unet = fast(unet)
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -136,9 +174,21 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)  # 1 channel: mode "L"
 
 
-def draw(batch_size: int, generator: torch.Generator | list[torch.Generator], progress: bool) -> torch.Tensor:
-    return generate(unet, scheduler, batch_size, generator=generator, num_inference_steps=args.num_inference_steps,
-                    eta=args.eta, progress=progress)
+def draw(batch_size: int, generator: torch.Generator | list[torch.Generator], progress: bool,
+         labels: torch.Tensor | None = None) -> torch.Tensor:
+    """`batch_size` images, of the classes `labels` for a class-conditional model."""
+    if labels is None:
+        return generate(unet, scheduler, batch_size, generator=generator, num_inference_steps=args.num_inference_steps,
+                        eta=args.eta, progress=progress)
+    return generate_for_labels(unet, scheduler, labels, generator, args.num_inference_steps, args.guidance_scale,
+                               batch_size, eta=args.eta, progress=progress, wrap=fast)
+
+
+def labels_of(indices: list[int] | range) -> torch.Tensor | None:
+    """The classes of images `indices` of a class-conditional model: --class_label, or i mod K; None without."""
+    if not conditional:
+        return None
+    return balanced_labels(indices, len(class_names)) if label is None else torch.full((len(indices),), label)
 
 
 if many_images:
@@ -150,6 +200,8 @@ if many_images:
     settings = {"model": os.path.abspath(args.model_dir) if os.path.exists(args.model_dir) else args.model_dir,
                 "seed": args.seed, "sampler": args.sampler, "num_inference_steps": args.num_inference_steps,
                 "eta": args.eta, "bf16": args.bf16}
+    if conditional:  # (an unconditional run's settings stay as they were, so its folders continue)
+        settings.update(class_label=label, guidance_scale=args.guidance_scale)
     settings_path = outdir / "sample_settings.json"
     if settings_path.exists() and json.loads(settings_path.read_text()) != settings:
         error(f"{outdir}/ holds images drawn with other settings ({settings_path.read_text().strip()}); "
@@ -171,7 +223,7 @@ if many_images:
     with tqdm(total=len(mine), unit="image", desc="images", disable=not ctx.is_main) as bar:
         for start in range(0, len(mine), args.batch_size):
             indices = mine[start:start + args.batch_size]
-            images = draw(len(indices), image_generators(args.seed, indices), progress=ctx.is_main)
+            images = draw(len(indices), image_generators(args.seed, indices), ctx.is_main, labels_of(indices))
             for i, image in zip(indices, images):
                 path = outdir / names[i]
                 write_atomically(path, lambda tmp, image=image: to_pil(image).save(tmp, format="PNG"))
@@ -189,14 +241,22 @@ if args.outdir is not None:
 # One CPU generator, seeded once, as DDPMPipeline(generator=torch.manual_seed(seed)):
 # the noise is drawn on the CPU, so the seed gives the same noise on any device.
 generator = torch.Generator().manual_seed(args.seed)
+per_class = images_per_class(args.num_images) if conditional and label is None else None
+if per_class is not None:  # a row per class: as many images as that takes, in one batch unless told
+    args.batch_size = args.batch_size if batch_size_given else per_class * len(class_names)
+    labels = grid_labels(len(class_names), per_class)
+    args.num_images = len(labels)
+else:
+    labels = labels_of(range(args.num_images))
 batches = []
 for start in range(0, args.num_images, args.batch_size):
     batch_size = min(args.batch_size, args.num_images - start)
     print(f"sampling images {start}..{start + batch_size - 1} of {args.num_images}", file=sys.stderr)
-    batches.append(draw(batch_size, generator, progress=True))
+    batches.append(draw(batch_size, generator, True, None if labels is None else labels[start:start + batch_size]))
 images = torch.cat(batches)  # (N, C, H, W) in [0, 1]
 
-grid = sample_grid(images)  # enlarged, nearest-neighbour, to at least 256 px
+# enlarged, nearest-neighbour, to at least 256 px
+grid = sample_grid(images) if per_class is None else class_grid(images, per_class)
 image_format = Image.registered_extensions()[Path(args.output).suffix.lower()]  # the tmp name has no extension
 write_atomically(Path(args.output), lambda tmp: to_pil(grid).save(tmp, format=image_format))
 print(f"wrote {args.output} ({args.num_images} images)")

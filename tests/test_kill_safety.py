@@ -21,17 +21,21 @@ from test_train import image_folder, tiny_args
 from train_script import TRAIN_PY, train
 
 KILLS = 8
+# what the run prints when step 24's checkpoint is written, or resumed from with its outputs unwritten
+FINAL_CHECKPOINT = ("saved out/checkpoint-24", "writing the outputs due at step 24")
 
 
-def command(tmp_path: Path, output_dir: Path) -> list[str]:
+def command(tmp_path: Path) -> list[str]:
     """40 images in batches of 4: 10 steps an epoch, 24 steps; a grid and the pipeline at each epoch's end and at
-    the end, a checkpoint every 5 steps, EMA on; the same command after every kill."""
+    the end, a checkpoint every 5 steps, EMA on; the same command after every kill. It writes to out/ in the
+    folder it runs in, so that both runs' checkpoints record the same arguments."""
     images = tmp_path / "images"
     if not images.exists():
         image_folder(images, 40, (8, 8))
     return [sys.executable, str(TRAIN_PY), *tiny_args(
-        tmp_path, output_dir=output_dir, train_data_dir=images, max_train_steps=24, checkpointing_steps=5,
-        save_images_epochs=1, save_model_epochs=1, use_ema=True, logging_steps=4, resume_from_checkpoint="latest")]
+        tmp_path, output_dir="out", train_data_dir=images, max_train_steps=24, checkpointing_steps=5,
+        save_images_epochs=1, save_model_epochs=1, use_ema=True, logging_steps=4, resume_from_checkpoint="latest",
+        eval_batch_size=8, ddpm_num_inference_steps=40)]  # grids of 40 steps: final saves long enough to hit
 
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:
@@ -40,37 +44,56 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
             if path.is_file() and "logs" not in path.relative_to(folder).parts}
 
 
+def run_and_kill(argv: list[str], cwd: Path, log: Path, after_seconds: float | None = None,
+                 after_final_checkpoint: float | None = None) -> bool:
+    """Run `argv`; SIGKILL it `after_seconds` from its start, or that long after it reports the final checkpoint
+    (saved, or resumed from with its outputs unwritten): inside the final saves. Whether it was killed."""
+    start, final_seen = time.perf_counter(), None
+    with open(log, "w") as output:
+        process = subprocess.Popen(argv, cwd=cwd, env=worker_env(), stdout=output, stderr=subprocess.STDOUT)
+        while process.poll() is None:
+            now = time.perf_counter()
+            if final_seen is None and after_final_checkpoint is not None and any(
+                    line in log.read_text() for line in FINAL_CHECKPOINT):
+                final_seen = now
+            if (after_seconds is not None and now - start >= after_seconds) or (
+                    final_seen is not None and now - final_seen >= after_final_checkpoint):
+                process.kill()  # SIGKILL: no handler runs
+                process.wait()
+                return True
+            time.sleep(0.02)
+    assert process.returncode == 0, log.read_text()[-2000:]
+    return False
+
+
 def test_killed_at_random_moments_and_restarted_the_run_ends_as_the_uninterrupted_one(tmp_path):
-    reference = tmp_path / "reference"
+    (tmp_path / "reference").mkdir()
+    (tmp_path / "killed").mkdir()
+    reference, killed = tmp_path / "reference" / "out", tmp_path / "killed" / "out"
     start = time.perf_counter()
-    subprocess.run(command(tmp_path, reference), env=worker_env(), check=True, capture_output=True)
+    subprocess.run(command(tmp_path), cwd=reference.parent, env=worker_env(), check=True, capture_output=True)
     duration = time.perf_counter() - start
 
-    killed, kills, rng = tmp_path / "killed", [], random.Random(0)
-    while True:
-        # half the kills anywhere in a run's time, half in its last third: the final saves
-        moment = rng.uniform(0, duration) if len(kills) % 2 == 0 else rng.uniform(2 * duration / 3, duration)
-        process = subprocess.Popen(command(tmp_path, killed), env=worker_env(), stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.PIPE)
-        try:
-            process.wait(timeout=moment if len(kills) < KILLS else 600)
-        except subprocess.TimeoutExpired:
-            process.kill()  # SIGKILL
-            process.wait()
-            kills.append(moment)
-            continue
-        assert process.returncode == 0, process.stderr.read().decode()[-2000:]
-        break
-    print(f"[kill] {len(kills)} kills at {', '.join(f'{k:.1f}' for k in kills)} s of a {duration:.1f} s run")
-    assert len(kills) == KILLS
+    # the same command until it exits 0: first killed at random moments of the first half of a run's time, then
+    # at random moments inside its final saves, then let finish
+    rng, log = random.Random(0), tmp_path / "run.log"
+    during_training = sum(run_and_kill(command(tmp_path), killed.parent, log,
+                                       after_seconds=rng.uniform(0, duration / 2)) for _ in range(KILLS // 2))
+    during_final_saves = sum(run_and_kill(command(tmp_path), killed.parent, log,
+                                          after_final_checkpoint=rng.uniform(0, 0.4)) for _ in range(KILLS // 2))
+    assert not run_and_kill(command(tmp_path), killed.parent, log)
+    print(f"[kill] {during_training} kills during training, {during_final_saves} in the final saves, "
+          f"of a {duration:.1f} s run")
+    assert during_training >= 2 and during_final_saves >= 2
 
     expected, found = folder_bytes(reference), folder_bytes(killed)
     assert sorted(found) == sorted(expected)  # the same files: pipeline, card, grids, checkpoints, no temporaries
-    assert [name for name in expected if found[name] != expected[name]] == []  # each bit for bit
+    assert [name for name in expected if found[name] != expected[name]] == []  # each bit for bit, the card too
 
     # started again, the finished run says so in one line and writes nothing
     mtimes = {path: path.stat().st_mtime_ns for path in killed.rglob("*")}
-    again = subprocess.run(command(tmp_path, killed), env=worker_env(), capture_output=True, text=True, check=True)
+    again = subprocess.run(command(tmp_path), cwd=killed.parent, env=worker_env(), capture_output=True, text=True,
+                           check=True)
     assert "is complete: 24 of 24 steps" in again.stdout + again.stderr
     assert {path: path.stat().st_mtime_ns for path in killed.rglob("*")} == mtimes
 
