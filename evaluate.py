@@ -3,6 +3,7 @@ its samples against its training data, or the shapes score of its samples (for a
 
 $ python evaluate.py ddpm-output --builtin_data --num_images 1000
 $ python evaluate.py ddpm-output --metric shapes --num_images 256
+$ python evaluate.py conditional-output --metric shapes --num_images 240 --guidance_scale 2   (+ conditional accuracy)
 $ python evaluate.py ddpm-output --metric fid --train_data_dir fashion-mnist --num_images 10000 --sampler ddim
 $ python evaluate.py --metric fid --images samples/ --reference cifar10-train/   (or a .npz of reference statistics)
 $ python evaluate.py google/ddpm-cifar10-32 --dataset_name cifar10 --split test --num_images 10000 \\
@@ -40,7 +41,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ddpm import DDIMScheduler, DDPMScheduler, PipelineLoadError, distributed, load_pipeline
-from ddpm.data import HELD_OUT_SEED, DataError, TrainingImages, load_images
+from ddpm.class_conditional import balanced_labels, conditional_accuracy, generate_for_labels
+from ddpm.data import HELD_OUT_SEED, DataError, ShapesSource, TrainingImages, load_images
 from ddpm.fid import (ReferenceImages, ReferenceStatistics, check_comparable, compare, default_cache_dir,
                       features_of_dataset, features_of_images, reference_statistics)
 from ddpm.idx import has_split
@@ -48,7 +50,7 @@ from ddpm.inception import RESIZES, InceptionError, load_inception
 from ddpm.likelihood import VARIANCES, VariationalBound, model_variance_of, x0_from_pixels
 from ddpm.pipeline_io import pipeline_folder
 from ddpm.sampling import generate, generate_in_batches, image_generators
-from ddpm.shapes_score import VALID_RMSE, fit, score
+from ddpm.shapes_score import CLASSES, VALID_RMSE, fit, score
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="denoising steps of the samples for --metric fid and shapes (default: T with ddpm, 50 with ddim)")
     add("--sampler", choices=["ddpm", "ddim"], default="ddpm",
         help="how --metric fid and shapes draw their samples: ddpm, or ddim (50 steps unless --num_inference_steps)")
+    add("--guidance_scale", type=float, default=None,
+        help="shapes: a class-conditional model's classifier-free guidance, 1 the conditional model alone; its "
+             "samples are balanced over the classes and scored for the conditional accuracy too (default: 1)")
     add("--images", default=None, help="fid: a folder of images to compare with --reference, instead of samples")
     add("--reference", default=None,
         help="fid: the reference, a folder of images (as they are) or a .npz of statistics (ours or pytorch-fid's), "
@@ -127,6 +132,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--sampler {args.sampler} draws samples for --metric shapes; the bound of --metric bpd has none")
     if args.metric != "bpd" and args.plot:
         parser.error("--plot draws the bits per timestep: it goes with --metric bpd")
+    if args.guidance_scale is not None and args.metric != "shapes":
+        parser.error(f"--guidance_scale guides the samples of --metric shapes, not {args.metric}")
+    if args.guidance_scale is not None and args.guidance_scale < 0:
+        parser.error(f"--guidance_scale must be >= 0, got {args.guidance_scale}")
     if args.metric != "bpd" and args.variance:
         parser.error(f"--variance sets the bound's sigma_t^2: it goes with --metric bpd, not {args.metric}")
     defaults = {"bpd": 1000, "shapes": 256, "fid": None if args.images else 10000}
@@ -262,28 +271,60 @@ def evaluate_bpd(args: argparse.Namespace, unet, scheduler, resolution: int, ctx
           f"KL {figures['kl_bpd']:.4f}) over {count} images")
 
 
+CLASS_NAMES = ShapesSource.CLASS_NAMES  # the built-in shapes' classes: label k is named CLASS_NAMES[k]
+
+
+def is_conditional(unet) -> bool:
+    """Whether the UNet has a table of class embeddings (train.py --class_conditional)."""
+    return unet.config["num_class_embeds"] is not None and unet.config["class_embed_type"] is None
+
+
 def evaluate_shapes(args: argparse.Namespace, unet, scheduler, ctx: distributed.Context) -> None:
     if unet.config["in_channels"] != 3:
         fail(f"the shapes score is for RGB models of the built-in shapes; this UNet has "
              f"{unet.config['in_channels']} channel(s)")
+    if is_conditional(unet) and unet.config["num_class_embeds"] - 1 != len(CLASSES):
+        fail(f"the shapes score asks for the {len(CLASSES)} classes of the built-in shapes; this class-conditional "
+             f"UNet has {unet.config['num_class_embeds'] - 1}")
+    if args.guidance_scale is not None and not is_conditional(unet):
+        fail(f"--guidance_scale needs a class-conditional model; {args.model_dir!r} has no class table")
+    args.guidance_scale = 1.0 if args.guidance_scale is None else args.guidance_scale
     generator = noise_generator(args.seed, ctx.rank)
-    count = len(shard(args.num_images, ctx))
-    found = fit(generate_in_batches(unet, scheduler, count, generator, args.num_inference_steps, args.batch_size,
-                                    progress=ctx.is_main)) if count else None
-    gathered = distributed.gather_to_main(ctx, None if found is None else (found.classes, found.rmse))
+    indices = shard(args.num_images, ctx)
+    # a class-conditional model: sample i of class i mod K (balanced), guided with --guidance_scale
+    labels = balanced_labels(indices, unet.config["num_class_embeds"] - 1) if is_conditional(unet) else None
+    if not indices:
+        samples = None
+    elif labels is None:
+        samples = generate_in_batches(unet, scheduler, len(indices), generator, args.num_inference_steps,
+                                      args.batch_size, progress=ctx.is_main)
+    else:
+        samples = generate_for_labels(unet, scheduler, labels, generator, args.num_inference_steps,
+                                      args.guidance_scale, args.batch_size, progress=ctx.is_main)
+    found = fit(samples) if samples is not None else None
+    gathered = distributed.gather_to_main(ctx, None if found is None else (found.classes, found.rmse, labels))
     if not ctx.is_main:
         return
     gathered = [g for g in gathered if g is not None]
-    result = score(torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered]))
+    classes, rmse = torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered])
+    result = score(classes, rmse)
+    figures = {"valid_fraction": result.valid_fraction, "classes_covered": result.classes_covered,
+               "tv_to_uniform": result.tv_to_uniform, "median_rmse": result.median_rmse,
+               "num_images": result.num_images, "valid_rmse": VALID_RMSE, "sampler": args.sampler,
+               "num_inference_steps": args.num_inference_steps}
+    conditional = ""
+    if labels is not None:
+        asked = torch.cat([g[2] for g in gathered])
+        per_class = {name: conditional_accuracy(classes[asked == k], asked[asked == k])
+                     for k, name in enumerate(CLASS_NAMES) if (asked == k).any()}
+        figures.update(conditional_accuracy=conditional_accuracy(classes, asked), guidance_scale=args.guidance_scale,
+                       conditional_accuracy_per_class=per_class)
+        conditional = (f", conditional accuracy {figures['conditional_accuracy']:.3f} (guidance scale "
+                       f"{args.guidance_scale:g}, classes balanced)")
     if args.output_json:
-        write_json(args.output_json, {"valid_fraction": result.valid_fraction,
-                                      "classes_covered": result.classes_covered,
-                                      "tv_to_uniform": result.tv_to_uniform, "median_rmse": result.median_rmse,
-                                      "num_images": result.num_images,
-                                      "valid_rmse": VALID_RMSE, "sampler": args.sampler,
-                                      "num_inference_steps": args.num_inference_steps})
-    print(f"shapes score: {result} over {result.num_images} samples ({args.sampler}, {args.num_inference_steps} "
-          "denoising steps)")
+        write_json(args.output_json, figures)
+    print(f"shapes score: {result}{conditional} over {result.num_images} samples ({args.sampler}, "
+          f"{args.num_inference_steps} denoising steps)")
 
 
 def fid_reference(args: argparse.Namespace, network, resolution: int | None, channels: int | None,

@@ -192,6 +192,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     if not 0 <= args.class_dropout <= 1:
         parser.error(f"--class_dropout must be in [0, 1], got {args.class_dropout}")
+    if args.guidance_scale < 0:
+        parser.error(f"--guidance_scale must be >= 0, got {args.guidance_scale}")
     if not (0 <= args.adam_beta1 < 1 and 0 <= args.adam_beta2 < 1 and 0 <= args.ema_max_decay <= 1):
         parser.error(f"--adam_beta1/--adam_beta2 must be in [0, 1) and --ema_max_decay in [0, 1], got "
                      f"{args.adam_beta1}, {args.adam_beta2}, {args.ema_max_decay}")
