@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from ddpm import DDPMScheduler, UNet2DModel
 from ddpm import distributed, hub, training_state
 from ddpm.checkpoint import CheckpointError, mark_outputs_written, set_aside_checkpoints_after
-from ddpm.class_conditional import ConditionalRunEvaluation
+from ddpm.conditional_evaluation import ConditionalRunEvaluation
 from ddpm.cuda_graph_step import CudaGraphStep, on_side_stream, recording_stream
 from ddpm.data import CACHE_BYTES, DataError, EpochSampler, TrainingImages, load_images
 from ddpm.device_data import DeviceDataUnavailable, DeviceImages

@@ -14,9 +14,11 @@ from safetensors.torch import load_file
 
 import ddpm.train_step as eager_step  # the module whose diffusion_loss the tests replace
 from ddpm import DDPMScheduler, UNet2DModel, load_pipeline
+from ddpm.class_conditional import conditional_accuracy, generate_for_labels
 from ddpm.cuda_graph_step import CudaGraphStep
 from ddpm.loss import diffusion_loss
 from ddpm.presets import PRESETS
+from ddpm.shapes_score import fit
 from ddpm.train_args import parse_args
 from ddpm.train_step import EagerStep
 from ddpm.training_state import rank_seed
@@ -185,6 +187,18 @@ def test_the_quickstart_trains_conditionally_on_the_24_builtin_classes(tmp_path)
     names = json.loads((out / "class_labels.json").read_text())
     assert len(names) == 24 and names["0"] == "circle-red-white"
     assert json.loads((out / "unet" / "config.json").read_text())["num_class_embeds"] == 25
+
+
+def test_the_final_score_of_a_builtin_run_adds_the_conditional_accuracy_of_samples_balanced_over_classes(tmp_path,
+                                                                                                         capsys):
+    out = run(tmp_path, class_conditional=True, max_train_steps=1, eval_batch_size=1, score_images=5,
+              guidance_scale=3)
+    unet, scheduler = load_pipeline(out)  # the final weights (no EMA), those the score sampled
+    labels = torch.arange(5) % 24  # sample i of class i mod 24, noise of seed + 1, as the grid's steps and scale
+    samples = generate_for_labels(unet, scheduler, labels, torch.Generator().manual_seed(1), 2, 3.0)
+    accuracy = conditional_accuracy(fit(samples).classes, labels)
+    assert f"conditional accuracy {accuracy:.3f} (guidance scale 3)" in capsys.readouterr().out.splitlines()[-1]
+    assert f"| shapes score: conditional accuracy of 5 samples | {accuracy:.4g} |" in (out / "README.md").read_text()
 
 
 # -----------------------------------------------------------------------------
