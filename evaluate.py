@@ -40,7 +40,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ddpm import DDIMScheduler, DDPMScheduler, PipelineLoadError, distributed, load_pipeline
+from ddpm import PipelineLoadError, distributed, load_pipeline
 from ddpm.class_conditional import balanced_labels, conditional_accuracy, generate_for_labels
 from ddpm.data import HELD_OUT_SEED, DataError, ShapesSource, TrainingImages, load_images
 from ddpm.fid import (ReferenceImages, ReferenceStatistics, check_comparable, compare, default_cache_dir,
@@ -49,7 +49,7 @@ from ddpm.idx import has_split
 from ddpm.inception import RESIZES, InceptionError, load_inception
 from ddpm.likelihood import VARIANCES, VariationalBound, model_variance_of, x0_from_pixels
 from ddpm.pipeline_io import pipeline_folder
-from ddpm.sampling import generate, generate_in_batches, image_generators
+from ddpm.sampling import DEFAULT_STEPS, SAMPLERS, generate, generate_in_batches, image_generators, sampling_scheduler
 from ddpm.shapes_score import CLASSES, VALID_RMSE, fit, score
 
 
@@ -78,9 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--variance", choices=VARIANCES, default=None,
         help="the reverse process variance sigma_t^2: beta~_t or beta_t (default: the scheduler config's)")
     add("--num_inference_steps", type=int, default=None,
-        help="denoising steps of the samples for --metric fid and shapes (default: T with ddpm, 50 with ddim)")
-    add("--sampler", choices=["ddpm", "ddim"], default="ddpm",
-        help="how --metric fid and shapes draw their samples: ddpm, or ddim (50 steps unless --num_inference_steps)")
+        help="denoising steps of the samples for --metric fid and shapes (default: T with ddpm, 50 with ddim, "
+             "20 with dpm and dpm-sde)")
+    add("--sampler", choices=list(SAMPLERS), default="ddpm",
+        help="how --metric fid and shapes draw their samples: DDPM, DDIM, DPM-Solver++ or SDE-DPM-Solver++")
     add("--guidance_scale", type=float, default=None,
         help="shapes: a class-conditional model's classifier-free guidance, 1 the conditional model alone; its "
              "samples are balanced over the classes and scored for the conditional accuracy too (default: 1)")
@@ -461,12 +462,14 @@ def main(argv=None) -> None:
         return
     try:
         unet, scheduler = load_pipeline(pipeline_folder(args.model_dir), dtype=torch.float32,
-                                        scheduler_class=DDIMScheduler if args.sampler == "ddim" else DDPMScheduler)
+                                        scheduler_class=SAMPLERS[args.sampler])
+        scheduler = sampling_scheduler(args.sampler, scheduler.config)  # with the sampler's options
     except PipelineLoadError as error:
         fail(str(error))
     resolution = resolution_of(unet.config, args.model_dir)
     T = scheduler.config["num_train_timesteps"]
-    args.num_inference_steps = args.num_inference_steps or (50 if args.sampler == "ddim" else T)
+    default_steps = T if args.sampler == "ddpm" else DEFAULT_STEPS[args.sampler]
+    args.num_inference_steps = args.num_inference_steps or default_steps
     if args.metric != "bpd" and args.num_inference_steps > T:
         fail(f"--num_inference_steps {args.num_inference_steps} exceeds the {T} training timesteps of "
              f"{args.model_dir!r}")

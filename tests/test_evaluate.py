@@ -16,9 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm import DDIMScheduler, DDPMScheduler, UNet2DModel, generate, save_pipeline
+from ddpm import DDPMScheduler, UNet2DModel, generate, save_pipeline
 from ddpm.data import HELD_OUT_SEED, TrainingImages, make_builtin_source
 from ddpm.likelihood import VariationalBound, x0_from_pixels
+from ddpm.sampling import sampling_scheduler
 from ddpm.shapes_score import VALID_RMSE, shapes_score
 from oracle import perturb_, single_thread  # noqa: F401  (autouse fixture)
 
@@ -186,17 +187,18 @@ def test_shapes_metric_prints_the_score_of_the_samples(tmp_path, capsys):
     assert figures["median_rmse"] > VALID_RMSE
 
 
-def test_shapes_metric_with_ddim_scores_the_samples_ddim_draws(tmp_path, capsys):
+@pytest.mark.parametrize("sampler", ["ddim", "dpm", "dpm-sde"])
+def test_shapes_metric_with_another_sampler_scores_the_samples_it_draws(tmp_path, capsys, sampler):
     unet, scheduler = tiny_pipeline(tmp_path / "model")
-    run_in_process([str(tmp_path / "model"), "--metric", "shapes", "--sampler", "ddim", "--num_images", "3",
+    run_in_process([str(tmp_path / "model"), "--metric", "shapes", "--sampler", sampler, "--num_images", "3",
                     "--num_inference_steps", "4", "--seed", "5", "--output_json", str(tmp_path / "f.json")], capsys)
     figures = json.loads((tmp_path / "f.json").read_text())
     expected = {}
-    for name, sampler in (("ddim", DDIMScheduler.from_config(scheduler.config)), ("ddpm", scheduler)):
-        expected[name] = shapes_score(generate(unet, sampler, 3, torch.Generator().manual_seed(5), 4)).median_rmse
-    assert expected["ddim"] != expected["ddpm"]  # the two samplers draw different images from the same noise
-    assert (figures["sampler"], figures["num_inference_steps"]) == ("ddim", 4)
-    assert figures["median_rmse"] == pytest.approx(expected["ddim"], abs=1e-4)
+    for name, scheduler_of in ((sampler, sampling_scheduler(sampler, scheduler.config)), ("ddpm", scheduler)):
+        expected[name] = shapes_score(generate(unet, scheduler_of, 3, torch.Generator().manual_seed(5), 4)).median_rmse
+    assert expected[sampler] != expected["ddpm"]  # the two samplers draw different images from the same noise
+    assert (figures["sampler"], figures["num_inference_steps"]) == (sampler, 4)
+    assert figures["median_rmse"] == pytest.approx(expected[sampler], abs=1e-4)
 
 
 def folder(path: Path) -> Path:
