@@ -1,13 +1,16 @@
 """What a training run writes besides its checkpoints (on the main process): the sample grids (of a class-conditional
-model, a row per class), the pipeline folder with its model card (and class_labels.json), and with --push_to_hub
-their upload."""
+model, a row per class), the pipeline folder with its model card (and class_labels.json), with --keep_best fid a copy
+of the pipeline of the lowest FID so far in best/ (best.json: its FID and step, read back by a resumed run), and with
+--push_to_hub their upload."""
 
 import copy
+import json
 from argparse import Namespace
 from pathlib import Path
 
 import torch
 from torchvision.utils import save_image
+from tqdm.auto import tqdm
 
 from .class_conditional import class_grid, generate_for_labels, grid_labels, images_per_class
 from .ema import EMA
@@ -49,6 +52,20 @@ def pipeline_missing(output_dir: Path) -> bool:
     return not all((output_dir / name).is_file() for name in PIPELINE_FILES)
 
 
+def read_best(best_dir: Path) -> dict | None:
+    """best/best.json's {"fid", "step"}, or None where there is none (or it cannot be read: the next save replaces
+    best/)."""
+    path = best_dir / "best.json"
+    if not path.is_file():
+        return None
+    try:
+        best = json.loads(path.read_text())
+        return {"fid": float(best["fid"]), "step": int(best["step"])}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        tqdm.write(f"ignoring {path}, which cannot be read ({error}); the next pipeline save replaces best/")
+        return None
+
+
 class RunOutputs:
     """The grids, the pipeline folder and the model card of one run, written into `output_dir`."""
 
@@ -59,6 +76,9 @@ class RunOutputs:
         self.logger, self.evaluation, self.hub_repo = logger, evaluation, hub_repo
         self.data_description, self.world_size = data_description, world_size
         self.class_names = class_names  # a class-conditional model's, label k's at k
+        self.best_dir = output_dir / "best"
+        # a resumed run keeps the best of the run it continues; a new run starts best/ over
+        self.best = read_best(self.best_dir) if args.keep_best and args.resume_from_checkpoint else None
 
     def write(self, due: dict, unet: torch.nn.Module, ema: EMA | None, run) -> None:
         """The outputs `due` (outputs_due's) after `run.step` steps (run: training_state.RunState), the final
@@ -99,9 +119,25 @@ class RunOutputs:
         """The pipeline folder and its model card (with the run's scores), uploaded with --push_to_hub."""
         save_pipeline(self.output_dir, weights, self.scheduler, self.class_names)
         self.evaluation.estimate_bpd(weights, step)
-        with reported_as_write_error("the model card", self.output_dir):
-            write_model_card(self.output_dir, self.args, data=self.data_description, world_size=self.world_size,
-                             step=step, total_steps=total_steps, loss=loss, evaluation=self.evaluation.figures or None,
-                             repo_id=self.hub_repo.repo_id if self.hub_repo else None, class_names=self.class_names)
+        fid = self.evaluation.estimate_fid(weights, step)
+        self.write_card(self.output_dir, step, total_steps, loss)
+        if self.args.keep_best == "fid" and (self.best is None or fid < self.best["fid"]):
+            self.save_best(weights, fid, step, total_steps, loss)
         if self.hub_repo is not None:
             self.hub_repo.push(step)
+
+    def write_card(self, folder: Path, step: int, total_steps: int, loss: float | None) -> None:
+        with reported_as_write_error("the model card", folder):
+            write_model_card(folder, self.args, data=self.data_description, world_size=self.world_size,
+                             step=step, total_steps=total_steps, loss=loss, evaluation=self.evaluation.figures or None,
+                             repo_id=self.hub_repo.repo_id if self.hub_repo else None, class_names=self.class_names)
+
+    def save_best(self, weights: torch.nn.Module, fid: float, step: int, total_steps: int, loss: float | None) -> None:
+        """best/: the pipeline and card of the lowest FID so far, then best.json, each file renamed into place."""
+        save_pipeline(self.best_dir, weights, self.scheduler, self.class_names)
+        self.write_card(self.best_dir, step, total_steps, loss)
+        self.best = {"fid": fid, "step": step}
+        with reported_as_write_error("best/best.json", self.best_dir):
+            write_atomically(self.best_dir / "best.json",
+                             lambda tmp: tmp.write_text(json.dumps(self.best, indent=2) + "\n"))
+        tqdm.write(f"step {step}: FID {fid:.3f}, the lowest so far: pipeline kept in {self.best_dir}")

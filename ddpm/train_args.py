@@ -29,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dataset_config_name", default=None, help="the Hub dataset's config name")
     add("--train_data_dir", default=None, help="a local folder of images, or of MNIST-format IDX files (train-*)")
     add("--builtin_data", action="store_true", help="the built-in shapes, also with a preset that names other data")
-    add("--cache_dir", default=None, help="where datasets caches Hub downloads")
+    add("--cache_dir", default=None,
+        help="where datasets caches Hub downloads, and --eval_fid_images its reference statistics (else in "
+             "output_dir)")
     add("--resolution", type=int, default=None, help="image size; must be divisible by 2^(levels-1)")
     add("--center_crop", action="store_true", help="center-crop instead of random-crop after resizing")
     add("--random_flip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips")
@@ -130,6 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("--eval_bpd_images", type=int, default=0,
         help="at each pipeline save, log an unbiased estimate of bits/dim (eval/bpd_estimate) on N held-out images "
              "(built-in shapes of another seed, an IDX folder's test split), else the first N training images; 0: off")
+    add("--eval_fid_images", type=int, default=0,
+        help="at each pipeline save, log FID and KID (eval/fid, eval/kid_mean) of N samples drawn with the grids' "
+             "sampler and steps against the training data, its statistics cached in fid-reference/; 0: off")
+    add("--fid_inception", default=None,
+        help="a local TorchScript pool_3 network for --eval_fid_images, as evaluate.py --inception (default: "
+             "torch-fidelity's, downloaded on first use)")
+    add("--keep_best", default=None, choices=["fid"],
+        help="also keep the pipeline of the lowest --eval_fid_images FID in output_dir/best/ (best.json: its FID and "
+             "step)")
     return p
 
 
@@ -187,9 +198,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, name) is not None and not getattr(args, name) > 0:
             parser.error(f"--{name} must be > 0, got {getattr(args, name)}")
     for name in ("dataloader_num_workers", "lr_warmup_steps", "adam_weight_decay", "eval_bpd_images", "score_images",
+                 "eval_fid_images",
                  "seed"):  # seed -1 draws the built-in shapes that are held out of every run (HELD_OUT_SEED)
         if getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.eval_fid_images == 1:
+        parser.error("--eval_fid_images must be 0 or at least 2 (a covariance needs two images), got 1")
+    if args.keep_best == "fid" and not args.eval_fid_images:
+        parser.error("--keep_best fid needs --eval_fid_images N, the samples its FID is computed on")
+    if args.eval_fid_images and args.class_conditional:
+        parser.error("--eval_fid_images draws unconditional samples; a --class_conditional run cannot draw them")
+    if args.fid_inception is not None and not Path(args.fid_inception).is_file():
+        parser.error(f"--fid_inception {args.fid_inception!r}: no such file; pass a TorchScript pool_3 network")
     if not 0 <= args.class_dropout <= 1:
         parser.error(f"--class_dropout must be in [0, 1], got {args.class_dropout}")
     if args.guidance_scale < 0:
