@@ -81,7 +81,7 @@ def save_checkpoint(output_dir: Path, step: int, model_state: dict[str, torch.Te
             for path in tmp.iterdir():
                 with open(path, "rb") as f:
                     os.fsync(f.fileno())
-        except BaseException:  # a failed write (a full disk) leaves no half-written folder behind
+        except Exception:  # a failed write (a full disk) leaves no half-written folder behind
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     if final.exists():  # the same step saved again, after resuming from an earlier checkpoint

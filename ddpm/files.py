@@ -20,13 +20,13 @@ class WriteError(RuntimeError):
 
 def write_temporary(path: Path, write: Callable[[Path], object]) -> Path:
     """Call `write(tmp)` on a temporary file beside `path`, flush it to disk and return its name; on any failure
-    the temporary file is removed."""
+    (an exception, such as a full disk) the temporary file is removed."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-    except BaseException:
+    except Exception:
         tmp.unlink(missing_ok=True)
         raise
     return tmp

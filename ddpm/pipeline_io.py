@@ -81,7 +81,7 @@ def save_pipeline(directory: str | os.PathLike, unet: nn.Module, scheduler: DDPM
                 temporary[path] = write_temporary(path, lambda tmp, text=text: tmp.write_text(text))
             temporary[weights_path] = write_temporary(
                 weights_path, lambda tmp: save_file(state_dict, str(tmp), metadata={"format": "pt"}))
-        except BaseException:
+        except Exception:  # a failed write (a full disk): no temporary left behind
             for tmp in temporary.values():
                 tmp.unlink(missing_ok=True)
             raise

@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     add = p.add_argument_group("performance").add_argument
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     add("--mixed_precision", default="no", choices=["no", "fp16", "bf16", "auto"],
-        help="autocast dtype; auto: bf16 on a GPU that has it, else no (fp32)")
+        help="autocast dtype; auto (the cifar10-32 preset's): bf16 on a GPU that has it, else no (fp32)")
     add("--gradient_checkpointing", action="store_true",
         help="recompute each UNet block in the backward pass: less activation memory, more compute")
     add("--channels_last", action="store_true",

@@ -102,5 +102,5 @@ def test_sampling_scheduler_builds_each_sampler_from_the_training_config(sampler
 
 
 def test_an_unknown_sampler_is_a_value_error_naming_it_and_the_choices():
-    with pytest.raises(ValueError, match=r"unknown sampler 'pndm'; choose one of \['ddpm', 'ddim', 'dpm'\]"):
+    with pytest.raises(ValueError, match=r"unknown sampler 'pndm'; choose one of \['ddpm', 'ddim', 'dpm', 'dpm-sde'\]"):
         sampling_scheduler("pndm", DDPMScheduler().config)

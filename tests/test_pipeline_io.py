@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 import ddpm
 from ddpm import DDPMScheduler, PipelineLoadError, UNet2DModel, load_pipeline, save_pipeline
+from ddpm.files import WriteError
 from oracle import (  # noqa: F401  (single_thread is an autouse fixture)
     CIFAR10_LAYOUT,
     TINY,
@@ -383,11 +384,13 @@ def test_crash_while_writing_weights_keeps_the_old_pipeline(pipeline_to_overwrit
     monkeypatch.setattr(safetensors.torch, "save", crash)
     # ddpm may hold its own reference, from `from safetensors.torch import save_file`.
     monkeypatch.setattr(sys.modules[save_pipeline.__module__], "save_file", save_half_then_crash, raising=False)
-    with pytest.raises(SimulatedCrash):
+    with pytest.raises(WriteError, match=f"^cannot write the pipeline in {re.escape(str(folder))}: no space left on "
+                                         "the device$"):
         save_pipeline(folder, new_unet, new_scheduler)
     monkeypatch.undo()
 
     assert_old_pipeline_still_loads(folder, our_unet)
+    assert not list(Path(folder).rglob(".*.tmp-*"))  # the failed save's temporary files are gone
 
 
 def test_crash_while_writing_the_unet_config_keeps_the_old_pipeline(pipeline_to_overwrite, our_unet, monkeypatch):
