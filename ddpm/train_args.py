@@ -204,6 +204,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.eval_fid_images == 1:
         parser.error("--eval_fid_images must be 0 or at least 2 (a covariance needs two images), got 1")
+    if args.class_conditional and args.eval_fid_images:  # its samples are drawn without class labels
+        parser.error("--eval_fid_images does not sample a class-conditional model yet; score it with evaluate.py "
+                     "--metric shapes (built-in shapes), or train without --class_conditional")
     if args.keep_best == "fid" and not args.eval_fid_images:
         parser.error("--keep_best fid needs --eval_fid_images N, the samples its FID is computed on")
     if args.eval_fid_images and args.class_conditional:

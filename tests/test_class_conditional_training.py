@@ -283,6 +283,11 @@ def test_a_class_dropout_outside_zero_one_or_a_negative_guidance_scale_is_a_one_
     assert f"--{flag}" in message and str(value) in message
 
 
+def test_fid_during_a_conditional_run_is_refused_in_one_line(tmp_path, capsys):
+    message = one_line_error(tiny_args(tmp_path, class_conditional=True, eval_fid_images=4), capsys)
+    assert "--eval_fid_images does not sample a class-conditional model" in message
+
+
 @pytest.mark.parametrize("first, then", [(False, True), (True, False)], ids=["unconditional", "conditional"])
 def test_resuming_with_the_other_class_conditional_setting_is_a_one_line_error(images, first, then, tmp_path,
                                                                               capsys):
