@@ -46,23 +46,12 @@ def test_a_ddim_grid_holds_ddim_pipelines_images_of_the_saved_weights(tmp_path):
     assert np.array_equal(np.asarray(Image.open(grid)), expected)
 
 
-def test_a_dpm_grid_holds_the_images_of_ddpm_pipeline_with_diffusers_dpm_solver(tmp_path):
-    train_with_grids_by("dpm", tmp_path)
+@pytest.mark.parametrize(("sampler", "options"), [
+    ("dpm", {}), ("dpm-sde", {"algorithm_type": "sde-dpmsolver++", "timestep_spacing": "trailing"})])
+def test_a_dpm_grid_holds_the_images_of_ddpm_pipeline_with_diffusers_dpm_solver(tmp_path, sampler, options):
+    train_with_grids_by(sampler, tmp_path)
     pipeline = diffusers.DDPMPipeline.from_pretrained(tmp_path / "out")
-    pipeline.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
-    pipeline.set_progress_bar_config(disable=True)
-    images = pipeline(2, generator=torch.manual_seed(4), num_inference_steps=20, output_type="np").images
-    images = torch.from_numpy(images).permute(0, 3, 1, 2)
-    expected = sample_grid(images).mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-    [grid] = (tmp_path / "out" / "samples").glob("*.png")
-    assert np.abs(np.asarray(Image.open(grid)).astype(int) - expected).max() <= 1  # float rounding at .5
-
-
-def test_a_dpm_sde_grid_holds_the_images_of_ddpm_pipeline_with_diffusers_sde_dpm_solver(tmp_path):
-    train_with_grids_by("dpm-sde", tmp_path)
-    pipeline = diffusers.DDPMPipeline.from_pretrained(tmp_path / "out")
-    pipeline.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(
-        pipeline.scheduler.config, algorithm_type="sde-dpmsolver++", timestep_spacing="trailing")
+    pipeline.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config, **options)
     pipeline.set_progress_bar_config(disable=True)
     images = pipeline(2, generator=torch.manual_seed(4), num_inference_steps=20, output_type="np").images
     images = torch.from_numpy(images).permute(0, 3, 1, 2)
