@@ -209,8 +209,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                      "--metric shapes (built-in shapes), or train without --class_conditional")
     if args.keep_best == "fid" and not args.eval_fid_images:
         parser.error("--keep_best fid needs --eval_fid_images N, the samples its FID is computed on")
-    if args.eval_fid_images and args.class_conditional:
-        parser.error("--eval_fid_images draws unconditional samples; a --class_conditional run cannot draw them")
     if args.fid_inception is not None and not Path(args.fid_inception).is_file():
         parser.error(f"--fid_inception {args.fid_inception!r}: no such file; pass a TorchScript pool_3 network")
     if not 0 <= args.class_dropout <= 1:
