@@ -16,7 +16,7 @@ from huggingface_hub.utils import filter_repo_objects, get_session
 from tqdm.auto import tqdm
 
 # What an upload sends, as paths relative to output_dir (patterns as upload_folder's allow_patterns)
-UPLOADED = ["model_index.json", "scheduler/*", "unet/*", "README.md", "samples/*.png"]
+UPLOADED = ["model_index.json", "scheduler/*", "unet/*", "class_labels.json", "README.md", "samples/*.png"]
 # Hidden files are the temporary files of an interrupted save
 NOT_UPLOADED = ["*/.*"]
 # Without network a request can hang (the Hub client sets no timeout); one quick request tells us first
