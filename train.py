@@ -331,9 +331,7 @@ def main(argv=None) -> None:
     try:
         if run.outputs_due and ctx.is_main:  # due at the step resumed from, left unwritten (a kill, a stop)
             log_main(ctx, f"writing the outputs due at step {run.step}, which the run before did not finish")
-            outputs.write(run.outputs_due, unet, ema, run)
-            if not run.outputs_due["final"]:  # (the final ones are marked after their upload)
-                mark_outputs_written(resume_path)
+            outputs.write(run.outputs_due, unet, ema, run, checkpoint=resume_path)
         while run.step < run.total_steps:
             set_learning_rate(optimizer, current_lr())
             # Algorithm 1: x_0 ~ q(x_0) (line 2), eps and t (lines 3-4), a gradient step on L_simple (line 5)
@@ -363,7 +361,7 @@ def main(argv=None) -> None:
                     raise TrainingDiverged(f"the loss became NaN or infinite by step {run.step}; the last "
                                            "checkpoint is kept (try a lower --learning_rate, or "
                                            "--mixed_precision bf16)")
-            if run.step % args.logging_steps == 0 or run.step == run.total_steps:
+            if run.step % args.logging_steps == 0 or last:
                 run.logged_loss = log.write(run.step, current_lr(), run.skipped_steps)
             # the grid and pipeline due now, recorded by the checkpoint: a kill before they are written (and
             # marked so) leaves them for the resumed run to write
@@ -377,9 +375,7 @@ def main(argv=None) -> None:
                 log_main(ctx, f"stop signal received: checkpoint written at step {run.step}, exiting")
                 break
             if run.outputs_due and ctx.is_main:
-                outputs.write(run.outputs_due, unet, ema, run)
-                if checkpoint_due and not last:  # (the final ones are marked after their upload)
-                    mark_outputs_written(saved)
+                outputs.write(run.outputs_due, unet, ema, run, checkpoint=saved if checkpoint_due else None)
     except TrainingDiverged as error:
         fail(str(error))
     except WriteError as error:  # the files written before are intact: the same command continues from them

@@ -73,11 +73,3 @@ def learning_rate(name: str, peak: float, step: int, warmup_steps: int, total_st
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
-
-
-def make_lr_scheduler(
-    optimizer: torch.optim.Optimizer, name: str, warmup_steps: int, total_steps: int, step: int = 0,
-    anchor: tuple[int, float] | None = None,
-) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(name, warmup_steps, total_steps, anchor),
-                                             last_epoch=step - 1)

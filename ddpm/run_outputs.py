@@ -13,6 +13,7 @@ from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from .class_conditional import class_grid, generate_for_labels, grid_labels, images_per_class
+from .checkpoint import mark_outputs_written
 from .ema import EMA
 from .files import reported_as_write_error, write_atomically
 from .hub import HubRepo
@@ -80,9 +81,10 @@ class RunOutputs:
         # a resumed run keeps the best of the run it continues; a new run starts best/ over
         self.best = read_best(self.best_dir) if args.keep_best and args.resume_from_checkpoint else None
 
-    def write(self, due: dict, unet: torch.nn.Module, ema: EMA | None, run) -> None:
+    def write(self, due: dict, unet: torch.nn.Module, ema: EMA | None, run, checkpoint: Path | None = None) -> None:
         """The outputs `due` (outputs_due's) after `run.step` steps (run: training_state.RunState), the final
-        ones with --score_images' score."""
+        ones with --score_images' score; then `checkpoint`, the one of run.step if any, is marked as having them
+        (the final ones are marked by train.py after their upload)."""
         weights = sampling_weights(unet, ema)  # one EMA copy for both
         if due["images"]:
             self.save_samples(weights, due["epochs_completed"], run.step)
@@ -90,6 +92,8 @@ class RunOutputs:
             self.evaluation.score_samples(weights, self.grid_scheduler, run.step)
         if due["model"]:
             self.save_pipeline(weights, run.step, run.total_steps, run.logged_loss)
+        if checkpoint is not None and not due["final"]:
+            mark_outputs_written(checkpoint)
 
     def save_samples(self, weights: torch.nn.Module, epoch_number: int, step: int) -> None:
         """samples/{epoch}.png: a grid drawn with a fixed seed, so that grids compare over the run (of a

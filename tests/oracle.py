@@ -131,10 +131,11 @@ def diffusers_unet(config: dict, seed: int = 0) -> diffusers.UNet2DModel:
     return perturb_(diffusers.UNet2DModel(**config), seed).eval()
 
 
-def micro_unets() -> tuple[UNet2DModel, diffusers.UNet2DModel]:
-    """Ours (in eval mode) and diffusers' perturbed MICRO model, holding the same weights."""
-    theirs = diffusers_unet(MICRO)
-    ours = UNet2DModel(**MICRO)
+def micro_unets(**config) -> tuple[UNet2DModel, diffusers.UNet2DModel]:
+    """Ours (in eval mode) and diffusers' perturbed MICRO model (with `config`'s keys changed), holding the same
+    weights."""
+    theirs = diffusers_unet(dict(MICRO, **config))
+    ours = UNet2DModel(**dict(MICRO, **config))
     ours.load_state_dict(theirs.state_dict())
     return ours.eval(), theirs
 

@@ -2,7 +2,6 @@
 --guidance_scale, and the conditional accuracy (the fraction whose fitted class is the class asked for) beside the
 valid fraction; and the accuracy itself on the built-in images, whose classes are known."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,18 +14,8 @@ from ddpm.data import ShapesSource
 from ddpm.sampling import generate
 from ddpm.shapes_score import fit, pixels_of
 from oracle import perturb_, single_thread  # noqa: F401  (autouse fixture)
+from test_evaluate import TINY_UNET, evaluate, pytestmark  # noqa: F401  (pytestmark: the fault-handler warning)
 
-EVALUATE_PY = Path(__file__).resolve().parents[1] / "evaluate.py"
-_spec = importlib.util.spec_from_file_location("evaluate", EVALUATE_PY)
-evaluate = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(evaluate)
-
-# evaluate.main's @record cannot install its fault handler under pytest's captured output
-pytestmark = pytest.mark.filterwarnings("ignore:Unable to enable fault handler")
-
-TINY_UNET = dict(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32),
-                 down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                 norm_num_groups=8)
 STEPS = 3
 
 

@@ -10,7 +10,7 @@ import torch
 from ddpm import DDIMScheduler, DDPMScheduler, UNet2DModel, generate
 from ddpm.fast_sampling import FastUNet
 from ddpm.guidance import GuidedUNet, class_label, drop_class_labels, null_label
-from oracle import (MICRO, diffusers, diffusers_unet, measured, relative_error,  # noqa: F401  (autouse fixture)
+from oracle import (MICRO, diffusers, measured, micro_unets, relative_error,  # noqa: F401  (autouse fixture)
                     single_thread)
 
 CLASSES = 4
@@ -20,10 +20,7 @@ CONFIG = dict(MICRO, num_class_embeds=CLASSES + 1)  # label 4 is the null label
 @pytest.fixture(scope="module")
 def unets() -> tuple[UNet2DModel, diffusers.UNet2DModel]:
     """Ours and diffusers' class-conditional MICRO model, holding the same (perturbed) weights."""
-    theirs = diffusers_unet(CONFIG)
-    ours = UNet2DModel(**CONFIG)
-    ours.load_state_dict(theirs.state_dict())
-    return ours.eval(), theirs
+    return micro_unets(num_class_embeds=CONFIG["num_class_embeds"])
 
 
 def noisy_sample(batch_size: int = 3) -> torch.Tensor:

@@ -20,22 +20,18 @@ from ddpm.guidance import GuidedUNet
 from ddpm.model_card import write_model_card
 from ddpm.sampling import image_generators, sampling_scheduler
 from ddpm.train_args import parse_args
-from oracle import MICRO, diffusers, diffusers_unet, measured, single_thread  # noqa: F401  (autouse fixture)
+from oracle import MICRO, diffusers, measured, micro_unets, single_thread  # noqa: F401  (autouse fixture)
 from test_sample_script import run_sample
 
 CLASSES = ["cat", "dog", "owl"]
 NULL = len(CLASSES)
-CONFIG = dict(MICRO, num_class_embeds=len(CLASSES) + 1)
 STEPS = 4
 
 
 @pytest.fixture(scope="module")
 def unets() -> tuple[UNet2DModel, diffusers.UNet2DModel]:
     """Ours and diffusers' class-conditional MICRO model, holding the same (perturbed) weights."""
-    theirs = diffusers_unet(CONFIG)
-    ours = UNet2DModel(**CONFIG)
-    ours.load_state_dict(theirs.state_dict())
-    return ours.eval(), theirs
+    return micro_unets(num_class_embeds=len(CLASSES) + 1)
 
 
 @pytest.fixture(scope="module")

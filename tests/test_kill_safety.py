@@ -45,45 +45,52 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
 
 
 def run_and_kill(argv: list[str], cwd: Path, log: Path, after_seconds: float | None = None,
-                 after_final_checkpoint: float | None = None) -> bool:
+                 after_final_checkpoint: float | None = None) -> tuple[bool, float | None]:
     """Run `argv`; SIGKILL it `after_seconds` from its start, or that long after it reports the final checkpoint
-    (saved, or resumed from with its outputs unwritten): inside the final saves. Whether it was killed."""
-    start, final_seen = time.perf_counter(), None
+    (saved, or resumed from with its outputs unwritten): inside the final saves. Whether it was killed, and for a
+    run that finished, how long its final saves took: from that report to the checkpoint's mark."""
+    start, final_seen, marked = time.perf_counter(), None, None
+    mark = cwd / "out" / "checkpoint-24" / ddpm.checkpoint.OUTPUTS_WRITTEN
     with open(log, "w") as output:
-        process = subprocess.Popen(argv, cwd=cwd, env=worker_env(), stdout=output, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(argv, cwd=cwd, env={**worker_env(), "PYTHONUNBUFFERED": "1"},  # lines as printed
+                                   stdout=output, stderr=subprocess.STDOUT)
         while process.poll() is None:
             now = time.perf_counter()
-            if final_seen is None and after_final_checkpoint is not None and any(
-                    line in log.read_text() for line in FINAL_CHECKPOINT):
+            if final_seen is None and any(line in log.read_text() for line in FINAL_CHECKPOINT):
                 final_seen = now
+            if final_seen is not None and marked is None and mark.exists():
+                marked = now
             if (after_seconds is not None and now - start >= after_seconds) or (
-                    final_seen is not None and now - final_seen >= after_final_checkpoint):
+                    after_final_checkpoint is not None and final_seen is not None
+                    and now - final_seen >= after_final_checkpoint):
                 process.kill()  # SIGKILL: no handler runs
                 process.wait()
-                return True
+                return True, None
             time.sleep(0.02)
     assert process.returncode == 0, log.read_text()[-2000:]
-    return False
+    return False, None if final_seen is None else (marked or time.perf_counter()) - final_seen
 
 
 def test_killed_at_random_moments_and_restarted_the_run_ends_as_the_uninterrupted_one(tmp_path):
     (tmp_path / "reference").mkdir()
     (tmp_path / "killed").mkdir()
     reference, killed = tmp_path / "reference" / "out", tmp_path / "killed" / "out"
+    log = tmp_path / "run.log"
     start = time.perf_counter()
-    subprocess.run(command(tmp_path), cwd=reference.parent, env=worker_env(), check=True, capture_output=True)
+    _, final_saves = run_and_kill(command(tmp_path), reference.parent, log)
     duration = time.perf_counter() - start
 
     # the same command until it exits 0: first killed at random moments of the first half of a run's time, then
-    # at random moments inside its final saves, then let finish
-    rng, log = random.Random(0), tmp_path / "run.log"
+    # at random moments of the first half of its final saves (as long as the uninterrupted run's), then let finish
+    rng = random.Random(0)
     during_training = sum(run_and_kill(command(tmp_path), killed.parent, log,
-                                       after_seconds=rng.uniform(0, duration / 2)) for _ in range(KILLS // 2))
+                                       after_seconds=rng.uniform(0, duration / 2))[0] for _ in range(KILLS // 2))
     during_final_saves = sum(run_and_kill(command(tmp_path), killed.parent, log,
-                                          after_final_checkpoint=rng.uniform(0, 0.4)) for _ in range(KILLS // 2))
-    assert not run_and_kill(command(tmp_path), killed.parent, log)
-    print(f"[kill] {during_training} kills during training, {during_final_saves} in the final saves, "
-          f"of a {duration:.1f} s run")
+                                          after_final_checkpoint=rng.uniform(0, final_saves / 2))[0]
+                             for _ in range(KILLS // 2))
+    assert not run_and_kill(command(tmp_path), killed.parent, log)[0]
+    print(f"[kill] {during_training} kills during training, {during_final_saves} in the final saves "
+          f"({final_saves:.1f} s), of a {duration:.1f} s run")
     assert during_training >= 2 and during_final_saves >= 2
 
     expected, found = folder_bytes(reference), folder_bytes(killed)
