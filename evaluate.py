@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from ddpm import PipelineLoadError, distributed, load_pipeline
 from ddpm.class_conditional import balanced_labels, conditional_accuracy, generate_for_labels
 from ddpm.data import HELD_OUT_SEED, DataError, ShapesSource, TrainingImages, load_images
+from ddpm.files import WriteError, reported_as_write_error, write_atomically
 from ddpm.fid import (ReferenceImages, ReferenceStatistics, check_comparable, compare, default_cache_dir,
                       features_of_dataset, features_of_images, reference_statistics)
 from ddpm.idx import has_split
@@ -261,15 +262,15 @@ def evaluate_bpd(args: argparse.Namespace, unet, scheduler, resolution: int, ctx
     figures = {"bits_per_dim": prior + sum(per_timestep), "prior_bpd": prior, "decoder_bpd": per_timestep[0],
                "kl_bpd": sum(per_timestep[1:]), "num_images": count, "variance": variance,
                "per_timestep_bpd": per_timestep}
+    print(f"{source.description}: {count} images x {T} timesteps in {seconds:.1f} s on {ctx.world_size} "
+          f"process(es) ({count / seconds:.3g} images/s), variance {variance}")
+    print(f"bits/dim: {figures['bits_per_dim']:.4f} (prior {prior:.3g}, decoder L_0 {figures['decoder_bpd']:.4f}, "
+          f"KL {figures['kl_bpd']:.4f}) over {count} images")
     if args.output_json:
         write_json(args.output_json, figures)
     if args.plot:
         plot_bits_per_timestep(per_timestep, prior, args.plot)
         print(f"wrote {args.plot}")
-    print(f"{source.description}: {count} images x {T} timesteps in {seconds:.1f} s on {ctx.world_size} "
-          f"process(es) ({count / seconds:.3g} images/s), variance {variance}")
-    print(f"bits/dim: {figures['bits_per_dim']:.4f} (prior {prior:.3g}, decoder L_0 {figures['decoder_bpd']:.4f}, "
-          f"KL {figures['kl_bpd']:.4f}) over {count} images")
 
 
 CLASS_NAMES = ShapesSource.CLASS_NAMES  # the built-in shapes' classes: label k is named CLASS_NAMES[k]
@@ -322,10 +323,10 @@ def evaluate_shapes(args: argparse.Namespace, unet, scheduler, ctx: distributed.
                        conditional_accuracy_per_class=per_class)
         conditional = (f", conditional accuracy {figures['conditional_accuracy']:.3f} (guidance scale "
                        f"{args.guidance_scale:g}, classes balanced)")
-    if args.output_json:
-        write_json(args.output_json, figures)
     print(f"shapes score: {result}{conditional} over {result.num_images} samples ({args.sampler}, "
           f"{args.num_inference_steps} denoising steps)")
+    if args.output_json:
+        write_json(args.output_json, figures)
 
 
 def fid_reference(args: argparse.Namespace, network, resolution: int | None, channels: int | None,
@@ -398,12 +399,12 @@ def evaluate_fid(args: argparse.Namespace, unet, scheduler, ctx: distributed.Con
         what = f"{count} images of {args.images}"
     print(f"Inception features of {count} images in {features_s:.1f} s ({count / max(features_s, 1e-9):.3g} "
           f"images/s); FID and KID from them in {statistics_s:.1f} s")
-    if args.output_json:
-        write_json(args.output_json, figures)
     kid = "n/a (the reference has no features)" if figures["kid_mean"] is None else \
         f"{figures['kid_mean']:.5f} +- {figures['kid_std']:.5f}"
     print(f"FID {figures['fid']:.3f}, KID {kid}: {what} against {reference.describe()}; Inception "
           f"{network.sha256[:12]}, resize {args.resize}")
+    if args.output_json:
+        write_json(args.output_json, figures)
 
 
 def sample_features(args: argparse.Namespace, unet, scheduler, network, ctx: distributed.Context):
@@ -424,9 +425,19 @@ def sample_features(args: argparse.Namespace, unet, scheduler, network, ctx: dis
     return (np.concatenate(features) if features else np.zeros((0, 2048), np.float32)), sampling_s, features_s
 
 
+def write_file(path: str, write) -> None:
+    """`write(tmp)`, then renamed to `path`: whole or not at all. A failed write (a full disk) ends the run with one
+    line; the figures were printed before it."""
+    try:
+        with reported_as_write_error(Path(path).name, Path(path).parent):
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(Path(path), write)
+    except WriteError as error:
+        fail(str(error))
+
+
 def write_json(path: str, figures: dict) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(figures, indent=2) + "\n")
+    write_file(path, lambda tmp: tmp.write_text(json.dumps(figures, indent=2) + "\n"))
     print(f"wrote {path}")
 
 
@@ -447,9 +458,10 @@ def plot_bits_per_timestep(per_timestep: list[float], prior: float, path: str) -
     total = rate[-1] + per_timestep[0]
     rate_axis.set(xlabel="reverse process steps (T - t)", ylabel="bits/dim",
                   title=f"rate {rate[-1]:.3f} + distortion L_0 {per_timestep[0]:.3f} = {total:.3f}")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    try:
+        write_file(path, lambda tmp: figure.savefig(tmp, dpi=120, format=Path(path).suffix[1:] or "png"))
+    finally:
+        plt.close(figure)
 
 
 @record  # under torchrun, a failing rank's traceback goes into the launcher's error summary

@@ -8,10 +8,9 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torchvision.utils import make_grid
 
 from .guidance import GuidedUNet
-from .sampling import Scheduler, generate
+from .sampling import Scheduler, generate, sample_grid
 
 
 def images_per_class(num_images: int) -> int:
@@ -51,11 +50,8 @@ def generate_for_labels(unet: nn.Module, scheduler: Scheduler, class_labels: tor
 
 
 def class_grid(images: torch.Tensor, per_class: int, min_side: int = 256) -> torch.Tensor:
-    """The images of grid_labels' order as a grid with one row per class (make_grid, 2 px padding), enlarged
-    nearest-neighbour as sampling.sample_grid enlarges, until its short side is at least `min_side` pixels."""
-    grid = make_grid(images, nrow=per_class)
-    factor = math.ceil(min_side / min(grid.shape[1:]))
-    return grid.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2) if factor > 1 else grid
+    """The images of grid_labels' order as a sample grid with one row per class."""
+    return sample_grid(images, min_side, per_row=per_class)
 
 
 def conditional_accuracy(fitted_classes: torch.Tensor, class_labels: torch.Tensor) -> float:

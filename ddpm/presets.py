@@ -76,31 +76,22 @@ DATA_HELP = {
 
 PRESETS: dict[str, dict[str, Any]] = {
     "quickstart": {
-        # chosen by the measured search of docs/quickstart.md (issue 13): x0-prediction with min-SNR-10 weighting
-        # and the cosine schedule, batch 64 at a high learning rate, AdamW's betas (0.8, 0.99), no EMA (over so
-        # short a run, whose learning rate anneals to 0, the EMA's average of earlier weights drew worse samples
-        # than the last weights); DDPM sampling over 100 strided steps for the grids and the final shapes score of 256
-        # samples.
+        # chosen by the measured search of docs/quickstart.md, whose tables hold the figures behind each choice
         "model": QUICKSTART_UNET,
         "resolution": 16,
-        "train_batch_size": 64,  # on two threads, 1.1x to 1.2x the images a second of batch 32 (docs/quickstart.md)
+        "train_batch_size": 64,  # more images a second than batch 32 on two threads
         "eval_batch_size": 16,
-        # as many steps as fit in 9.5 minutes (30 s kept for the grids and for the machine's speed changing
-        # after the warmup, when the count is fixed): about 3,000 steps at 5.3 steps/s on two threads, 4,270 at 7.5,
-        # 11,945 at 21 (the same 2 cores on 2026-11-28: 97.3% valid, TV 0.142; the eighth step of docs/quickstart.md)
+        # as many steps as fit in 9.5 minutes, 30 s kept for the grids; the step count is fixed after the warmup
         "max_train_minutes": 9.5,
         "learning_rate": 4e-3,
-        # AdamW's second-moment average over ~100 steps instead of ~1,000: the gradients shrink tenfold over the run,
-        # and with 0.999 the average lags them, shrinking the steps; in 3,000 steps 85.5% and 89.1% valid against
-        # 82.8% and 77.3% (seeds 0, 1), 85.5% with seed 2 (the sixth search of docs/quickstart.md)
+        # AdamW's second-moment average over ~100 steps instead of ~1,000: the gradients shrink tenfold over the
+        # run, and with 0.999 the average lags them, shrinking the steps
         "adam_beta2": 0.99,
-        # and its first-moment average over ~5 steps instead of ~10: 87.5/87.9/90.6% valid in 3,000 steps (seeds
-        # 0-2) against 85.5/89.1/85.5% with 0.9; 0.7 drew 86.3/87.9% (seeds 0, 2) (the seventh search)
-        "adam_beta1": 0.8,
+        "adam_beta1": 0.8,  # the first-moment average over ~5 steps instead of ~10
         "lr_warmup_steps": 200,
         "lr_scheduler": "cosine",
-        "use_ema": False,
-        "prediction_type": "sample",
+        "use_ema": False,  # over so short a run, annealed to lr 0, the EMA's older weights drew worse samples
+        "prediction_type": "sample",  # x0-prediction with min-SNR-10 weighting and the cosine schedule
         "snr_gamma": 10.0,
         "ddpm_beta_schedule": "squaredcos_cap_v2",
         "save_images_epochs": 30,  # an epoch is 32 steps: a grid every 960 steps and one at the end
@@ -149,8 +140,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "checkpointing_steps": 5000,
         "ddpm_num_inference_steps": 1000,
         "mixed_precision": "auto",  # bf16 on a GPU that has it (Ampere or newer), fp32 on the CPU
-        # torch.compile on a GPU: 1,553 images/s against 1,360 eager, whole loop, one H100 (docs/benchmarks.md)
-        "compile": "auto",
+        "compile": "auto",  # torch.compile on a GPU, where it is faster (docs/benchmarks.md)
     },
     "fashion-mnist": {
         # DDPM paper objective and EMA; lr, warmup and cosine close to the diffusers Fashion-MNIST script of

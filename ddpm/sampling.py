@@ -115,10 +115,11 @@ def image_generators(seed: int, indices: list[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed((start + i) % 2**32) for i in indices]
 
 
-def sample_grid(images: torch.Tensor, min_side: int = 256) -> torch.Tensor:
-    """The images (B, C, H, W) in [0, 1] as one grid of ceil(sqrt(B)) columns (torchvision's make_grid, 2 px
-    padding), enlarged by a whole factor, nearest-neighbour, until its short side is at least `min_side` pixels:
-    16 tiles of 16 px make a 74 px grid, too small to judge on a screen, shown at 296 px; each pixel a block."""
-    grid = make_grid(images, nrow=math.ceil(math.sqrt(len(images))))
+def sample_grid(images: torch.Tensor, min_side: int = 256, per_row: int | None = None) -> torch.Tensor:
+    """The images (B, C, H, W) in [0, 1] as one grid of `per_row` (default ceil(sqrt(B))) columns (torchvision's
+    make_grid, 2 px padding), enlarged by a whole factor, nearest-neighbour, until its short side is at least
+    `min_side` pixels: 16 tiles of 16 px make a 74 px grid, too small to judge on a screen, shown at 296 px; each
+    pixel a block."""
+    grid = make_grid(images, nrow=per_row or math.ceil(math.sqrt(len(images))))
     factor = math.ceil(min_side / min(grid.shape[1:]))
     return grid.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2) if factor > 1 else grid

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -277,3 +278,36 @@ def test_two_processes_split_the_images_and_gather_the_figures(tmp_path):
              + bound_per_image(unet, scheduler, x0[2:], torch.Generator().manual_seed(rank_1_seed), batch_size=2))
     assert figures["num_images"] == 5
     assert figures["bits_per_dim"] == pytest.approx(torch.cat([t.total for t in terms]).mean().item(), rel=1e-10)
+
+
+def test_a_write_that_fails_leaves_the_earlier_json_and_plot_whole(tmp_path, monkeypatch, capsys):
+    """--output_json and --plot are replaced whole or not at all: a disk that fills halfway through the write
+    (simulated) ends the run with one line and leaves the earlier run's files as they were, with no temporary
+    file beside them."""
+    out_json, plot = tmp_path / "bpd.json", tmp_path / "bpd.png"
+    evaluate.write_json(str(out_json), {"bits_per_dim": 4.06})
+    evaluate.plot_bits_per_timestep([1.0, 0.5, 0.25], 0.01, str(plot))
+    before = out_json.read_bytes(), plot.read_bytes()
+
+    real_write_text = Path.write_text
+
+    def half_then_full_disk(self, text, *args, **kwargs):
+        real_write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", half_then_full_disk)
+    full = f"^evaluate.py: error: cannot write bpd.json in {re.escape(str(tmp_path))}: no space left on the device$"
+    with pytest.raises(SystemExit, match=full):
+        evaluate.write_json(str(out_json), {"bits_per_dim": 3.98, "per_timestep": list(range(100))})
+    from matplotlib.figure import Figure
+
+    def half_a_png(self, fname, *args, **kwargs):
+        Path(fname).write_bytes(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", half_a_png)
+    full = f"^evaluate.py: error: cannot write bpd.png in {re.escape(str(tmp_path))}: no space left on the device$"
+    with pytest.raises(SystemExit, match=full):
+        evaluate.plot_bits_per_timestep([2.0, 1.0, 0.5], 0.01, str(plot))
+    assert (out_json.read_bytes(), plot.read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bpd.json", "bpd.png"]
