@@ -158,7 +158,7 @@ def is_complete(args, ctx, output_dir: Path, resume_path: Path | None, run: RunS
     pipeline was deleted since, its final outputs are due again."""
     if resume_path is None or run.step < run.total_steps or run.outputs_due:
         return False
-    if pipeline_missing(output_dir):
+    if pipeline_missing(output_dir, args.class_conditional):
         run.outputs_due = outputs_due(args, batches.epochs_completed(), epoch_ended=False, last=True)
         return False
     log_main(ctx, f"the run in {output_dir} is complete: {run.step} of {run.total_steps} steps, its pipeline "

@@ -19,7 +19,7 @@ from .files import reported_as_write_error, write_atomically
 from .hub import HubRepo
 from .loggers import TensorBoardLogger, WandbLogger
 from .model_card import write_model_card
-from .pipeline_io import WEIGHTS_NAME, save_pipeline
+from .pipeline_io import CLASS_LABELS_NAME, WEIGHTS_NAME, save_pipeline
 from .run_evaluation import RunEvaluation
 from .sampling import generate, sample_grid
 from .scheduler import DDPMScheduler
@@ -48,9 +48,11 @@ def outputs_due(args: Namespace, epochs_completed: int, epoch_ended: bool, last:
     return {"images": images, "model": model, "final": last, "epochs_completed": epochs_completed}
 
 
-def pipeline_missing(output_dir: Path) -> bool:
-    """Whether a file of the pipeline folder or its card is not there (deleted by hand since the run ended)."""
-    return not all((output_dir / name).is_file() for name in PIPELINE_FILES)
+def pipeline_missing(output_dir: Path, class_conditional: bool = False) -> bool:
+    """Whether a file of the pipeline folder or its card (and a class-conditional model's class_labels.json) is not
+    there: deleted by hand since the run ended."""
+    names = PIPELINE_FILES + ((CLASS_LABELS_NAME,) if class_conditional else ())
+    return not all((output_dir / name).is_file() for name in names)
 
 
 def read_best(best_dir: Path) -> dict | None:

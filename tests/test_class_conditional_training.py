@@ -218,6 +218,17 @@ def test_the_folder_names_its_classes_in_label_order(finished_run):
     assert json.loads((finished_run / "unet" / "config.json").read_text())["num_class_embeds"] == len(CLASSES) + 1
 
 
+def test_a_finished_run_whose_class_names_were_deleted_writes_them_again_when_started_again(images, tmp_path):
+    argv = tiny_args(tmp_path, train_data_dir=images, class_conditional=True, max_train_steps=2, eval_batch_size=4,
+                     checkpointing_steps=2, resume_from_checkpoint="latest")
+    train.main(argv)
+    names = tmp_path / "out" / "class_labels.json"
+    written = names.read_bytes()
+    names.unlink()  # by hand, after the run ended: the rest of the pipeline is there
+    train.main(argv)
+    assert names.read_bytes() == written
+
+
 def test_the_folders_unet_loads_in_diffusers_and_gives_our_outputs_for_class_labels(finished_run):
     theirs = diffusers.UNet2DModel.from_pretrained(finished_run / "unet").eval()
     ours, _ = load_pipeline(finished_run)
