@@ -262,15 +262,11 @@ def evaluate_bpd(args: argparse.Namespace, unet, scheduler, resolution: int, ctx
     figures = {"bits_per_dim": prior + sum(per_timestep), "prior_bpd": prior, "decoder_bpd": per_timestep[0],
                "kl_bpd": sum(per_timestep[1:]), "num_images": count, "variance": variance,
                "per_timestep_bpd": per_timestep}
-    print(f"{source.description}: {count} images x {T} timesteps in {seconds:.1f} s on {ctx.world_size} "
-          f"process(es) ({count / seconds:.3g} images/s), variance {variance}")
-    print(f"bits/dim: {figures['bits_per_dim']:.4f} (prior {prior:.3g}, decoder L_0 {figures['decoder_bpd']:.4f}, "
-          f"KL {figures['kl_bpd']:.4f}) over {count} images")
-    if args.output_json:
-        write_json(args.output_json, figures)
-    if args.plot:
-        plot_bits_per_timestep(per_timestep, prior, args.plot)
-        print(f"wrote {args.plot}")
+    summary = (f"{source.description}: {count} images x {T} timesteps in {seconds:.1f} s on {ctx.world_size} "
+               f"process(es) ({count / seconds:.3g} images/s), variance {variance}\n"
+               f"bits/dim: {figures['bits_per_dim']:.4f} (prior {prior:.3g}, decoder L_0 {figures['decoder_bpd']:.4f}, "
+               f"KL {figures['kl_bpd']:.4f}) over {count} images")
+    write_outputs(args, figures, summary, plot=lambda path: plot_bits_per_timestep(per_timestep, prior, path))
 
 
 CLASS_NAMES = ShapesSource.CLASS_NAMES  # the built-in shapes' classes: label k is named CLASS_NAMES[k]
@@ -323,10 +319,8 @@ def evaluate_shapes(args: argparse.Namespace, unet, scheduler, ctx: distributed.
                        conditional_accuracy_per_class=per_class)
         conditional = (f", conditional accuracy {figures['conditional_accuracy']:.3f} (guidance scale "
                        f"{args.guidance_scale:g}, classes balanced)")
-    print(f"shapes score: {result}{conditional} over {result.num_images} samples ({args.sampler}, "
-          f"{args.num_inference_steps} denoising steps)")
-    if args.output_json:
-        write_json(args.output_json, figures)
+    write_outputs(args, figures, f"shapes score: {result}{conditional} over {result.num_images} samples "
+                                 f"({args.sampler}, {args.num_inference_steps} denoising steps)")
 
 
 def fid_reference(args: argparse.Namespace, network, resolution: int | None, channels: int | None,
@@ -401,10 +395,8 @@ def evaluate_fid(args: argparse.Namespace, unet, scheduler, ctx: distributed.Con
           f"images/s); FID and KID from them in {statistics_s:.1f} s")
     kid = "n/a (the reference has no features)" if figures["kid_mean"] is None else \
         f"{figures['kid_mean']:.5f} +- {figures['kid_std']:.5f}"
-    print(f"FID {figures['fid']:.3f}, KID {kid}: {what} against {reference.describe()}; Inception "
-          f"{network.sha256[:12]}, resize {args.resize}")
-    if args.output_json:
-        write_json(args.output_json, figures)
+    write_outputs(args, figures, f"FID {figures['fid']:.3f}, KID {kid}: {what} against {reference.describe()}; "
+                                 f"Inception {network.sha256[:12]}, resize {args.resize}")
 
 
 def sample_features(args: argparse.Namespace, unet, scheduler, network, ctx: distributed.Context):
@@ -425,15 +417,26 @@ def sample_features(args: argparse.Namespace, unet, scheduler, network, ctx: dis
     return (np.concatenate(features) if features else np.zeros((0, 2048), np.float32)), sampling_s, features_s
 
 
-def write_file(path: str, write) -> None:
-    """`write(tmp)`, then renamed to `path`: whole or not at all. A failed write (a full disk) ends the run with one
-    line; the figures were printed before it."""
+def write_outputs(args: argparse.Namespace, figures: dict, summary: str, plot=None) -> None:
+    """--output_json (and --plot, by `plot(path)`), then the summary as the last lines. A failed write (a full disk)
+    prints the summary first, then ends the run with one line: the figures are never lost."""
     try:
-        with reported_as_write_error(Path(path).name, Path(path).parent):
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            write_atomically(Path(path), write)
+        if args.output_json:
+            write_json(args.output_json, figures)
+        if plot is not None and args.plot:
+            plot(args.plot)
+            print(f"wrote {args.plot}")
     except WriteError as error:
+        print(summary)
         fail(str(error))
+    print(summary)
+
+
+def write_file(path: str, write) -> None:
+    """`write(tmp)`, then renamed to `path`: whole or not at all; a failure is a WriteError, one line."""
+    with reported_as_write_error(Path(path).name, Path(path).parent):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(Path(path), write)
 
 
 def write_json(path: str, figures: dict) -> None:

@@ -1,6 +1,7 @@
 """evaluate.py: the figures it prints and writes, the noise order across batches and processes, the data it reads,
 and its one-line errors. Models are tiny UNets at 8x8 whose scheduler has T = 20, so a run takes seconds."""
 
+import argparse
 import contextlib
 import importlib.util
 import io
@@ -280,13 +281,16 @@ def test_two_processes_split_the_images_and_gather_the_figures(tmp_path):
     assert figures["bits_per_dim"] == pytest.approx(torch.cat([t.total for t in terms]).mean().item(), rel=1e-10)
 
 
-def test_a_write_that_fails_leaves_the_earlier_json_and_plot_whole(tmp_path, monkeypatch, capsys):
+def test_a_write_that_fails_leaves_the_earlier_json_and_plot_whole_and_prints_the_figures(tmp_path, monkeypatch,
+                                                                                        capsys):
     """--output_json and --plot are replaced whole or not at all: a disk that fills halfway through the write
-    (simulated) ends the run with one line and leaves the earlier run's files as they were, with no temporary
-    file beside them."""
+    (simulated) leaves the earlier run's files as they were, with no temporary file beside them; the run prints
+    its figures, then ends with one line."""
     out_json, plot = tmp_path / "bpd.json", tmp_path / "bpd.png"
-    evaluate.write_json(str(out_json), {"bits_per_dim": 4.06})
-    evaluate.plot_bits_per_timestep([1.0, 0.5, 0.25], 0.01, str(plot))
+    args = argparse.Namespace(output_json=str(out_json), plot=str(plot))
+    draw = lambda values: lambda path: evaluate.plot_bits_per_timestep(values, 0.01, path)  # noqa: E731
+    evaluate.write_outputs(args, {"bits_per_dim": 4.06}, "bits/dim: 4.06", plot=draw([1.0, 0.5, 0.25]))
+    assert capsys.readouterr().out.splitlines()[-1] == "bits/dim: 4.06"  # the figure is the last line
     before = out_json.read_bytes(), plot.read_bytes()
 
     real_write_text = Path.write_text
@@ -295,19 +299,20 @@ def test_a_write_that_fails_leaves_the_earlier_json_and_plot_whole(tmp_path, mon
         real_write_text(self, text[: len(text) // 2], *args, **kwargs)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(Path, "write_text", half_then_full_disk)
-    full = f"^evaluate.py: error: cannot write bpd.json in {re.escape(str(tmp_path))}: no space left on the device$"
-    with pytest.raises(SystemExit, match=full):
-        evaluate.write_json(str(out_json), {"bits_per_dim": 3.98, "per_timestep": list(range(100))})
     from matplotlib.figure import Figure
 
     def half_a_png(self, fname, *args, **kwargs):
         Path(fname).write_bytes(b"\x89PNG half")
         raise OSError(28, "No space left on device")
 
+    full = f"^evaluate.py: error: cannot write bpd.{{}} in {re.escape(str(tmp_path))}: no space left on the device$"
     monkeypatch.setattr(Figure, "savefig", half_a_png)
-    full = f"^evaluate.py: error: cannot write bpd.png in {re.escape(str(tmp_path))}: no space left on the device$"
-    with pytest.raises(SystemExit, match=full):
-        evaluate.plot_bits_per_timestep([2.0, 1.0, 0.5], 0.01, str(plot))
-    assert (out_json.read_bytes(), plot.read_bytes()) == before
+    with pytest.raises(SystemExit, match=full.format("png")):  # the JSON written, then the plot fails
+        evaluate.write_outputs(args, {"bits_per_dim": 3.98}, "bits/dim: 3.98", plot=draw([2.0, 1.0, 0.5]))
+    assert capsys.readouterr().out.splitlines()[-1] == "bits/dim: 3.98"
+    monkeypatch.setattr(Path, "write_text", half_then_full_disk)
+    with pytest.raises(SystemExit, match=full.format("json")):
+        evaluate.write_outputs(args, {"bits_per_dim": 3.97, "per_timestep": list(range(100))}, "bits/dim: 3.97")
+    assert capsys.readouterr().out.splitlines()[-1] == "bits/dim: 3.97"
+    assert json.loads(out_json.read_text()) == {"bits_per_dim": 3.98} and plot.read_bytes() == before[1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bpd.json", "bpd.png"]
