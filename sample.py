@@ -46,7 +46,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ddpm import PipelineLoadError, distributed, generate, load_pipeline
-from ddpm.class_conditional import (balanced_labels, class_grid, generate_for_labels, grid_labels,
+from ddpm.class_conditional import (balanced_labels, generate_for_labels, grid_labels,
                                     images_per_class)
 from ddpm.fast_sampling import FastUNet
 from ddpm.files import write_atomically
@@ -256,7 +256,7 @@ for start in range(0, args.num_images, args.batch_size):
 images = torch.cat(batches)  # (N, C, H, W) in [0, 1]
 
 # enlarged, nearest-neighbour, to at least 256 px
-grid = sample_grid(images) if per_class is None else class_grid(images, per_class)
+grid = sample_grid(images, per_row=per_class)  # per_class None: a square grid
 image_format = Image.registered_extensions()[Path(args.output).suffix.lower()]  # the tmp name has no extension
 write_atomically(Path(args.output), lambda tmp: to_pil(grid).save(tmp, format=image_format))
 print(f"wrote {args.output} ({args.num_images} images)")

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .guidance import GuidedUNet
-from .sampling import Scheduler, generate, sample_grid
+from .sampling import Scheduler, generate
 
 
 def images_per_class(num_images: int) -> int:
@@ -19,7 +19,7 @@ def images_per_class(num_images: int) -> int:
 
 
 def grid_labels(num_classes: int, per_class: int) -> torch.Tensor:
-    """0, ..., 0, 1, ..., 1, ...: `per_class` images of each class, class by class (a row each in class_grid)."""
+    """0, ..., 0, 1, ..., 1, ...: `per_class` images of each class, class by class (a row each in the sample grid, per_row=per_class)."""
     return torch.arange(num_classes).repeat_interleave(per_class)
 
 
@@ -47,11 +47,6 @@ def generate_for_labels(unet: nn.Module, scheduler: Scheduler, class_labels: tor
         images.append(generate(wrap(model) if wrap else model, scheduler, len(labels), batch_generator,
                                num_inference_steps, eta=eta, progress=progress))
     return torch.cat(images)
-
-
-def class_grid(images: torch.Tensor, per_class: int, min_side: int = 256) -> torch.Tensor:
-    """The images of grid_labels' order as a sample grid with one row per class."""
-    return sample_grid(images, min_side, per_row=per_class)
 
 
 def conditional_accuracy(fitted_classes: torch.Tensor, class_labels: torch.Tensor) -> float:

@@ -12,7 +12,7 @@ import torch
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
-from .class_conditional import class_grid, generate_for_labels, grid_labels, images_per_class
+from .class_conditional import generate_for_labels, grid_labels, images_per_class
 from .checkpoint import mark_outputs_written
 from .ema import EMA
 from .files import reported_as_write_error, write_atomically
@@ -110,7 +110,7 @@ class RunOutputs:
             labels = grid_labels(len(self.class_names), per_class)
             images = generate_for_labels(weights, self.grid_scheduler, labels, generator, steps,
                                          self.args.guidance_scale, batch_size=len(labels), progress=True)
-            grid = class_grid(images, per_class)
+            grid = sample_grid(images, per_row=per_class)
         (self.output_dir / "samples").mkdir(parents=True, exist_ok=True)
         path = self.output_dir / "samples" / f"{epoch_number:04d}.png"
         with reported_as_write_error(f"samples/{path.name}", self.output_dir):

@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 from ddpm import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel, generate, save_pipeline
-from ddpm.class_conditional import balanced_labels, class_grid, generate_for_labels, grid_labels, images_per_class
+from ddpm.class_conditional import balanced_labels, generate_for_labels, grid_labels, images_per_class
 from ddpm.guidance import GuidedUNet
 from ddpm.model_card import write_model_card
-from ddpm.sampling import image_generators, sampling_scheduler
+from ddpm.sampling import image_generators, sample_grid, sampling_scheduler
 from ddpm.train_args import parse_args
 from oracle import MICRO, diffusers, measured, micro_unets, single_thread  # noqa: F401  (autouse fixture)
 from test_sample_script import run_sample
@@ -96,7 +96,7 @@ def test_balanced_labels_cycle_through_the_classes_by_image_index():
 
 def test_the_class_grid_puts_each_class_on_a_row_of_its_own():
     images = torch.stack([torch.full((3, 8, 8), k / 2) for k in range(3) for _ in range(4)])  # class k: grey k / 2
-    grid = class_grid(images, 4, min_side=1)
+    grid = sample_grid(images, min_side=1, per_row=4)
     assert grid.shape == (3, 3 * 10 + 2, 4 * 10 + 2)
     for k in range(3):
         row = grid[:, 2 + 10 * k:10 + 10 * k, 2:-2]
